@@ -32,7 +32,60 @@ def _crash(model, tok, args) -> Emulator:
     return emulator
 
 
-METHODS: dict[str, Callable] = {"uniform": _uniform, "crash": _crash}
+def _gradot_like(selection: str):
+    def run(model, tok, args) -> Emulator:
+        from .gradot_method import GradOTConfig, gradot_emulator, middle_linears
+        from .kfac import collect_kfac
+
+        split = split_model(model, args.adapter_layers)
+        cfg = GradOTConfig(
+            keep=args.keep,
+            lambda_attn=args.lambda_attn if selection == "gcs" else 0.0,
+            lambda_mlp=args.lambda_mlp if selection == "gcs" else 0.0,
+            allocation=args.allocation if selection == "gcs" else "uniform",
+            selection=selection,
+            top_frac=args.top_frac,
+        )
+        factors, settings = None, {}
+        if selection != "svd":
+            batches, spec = _calibration(tok, args)
+            factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
+                                   gradient_checkpointing=args.gradient_checkpointing)
+            settings["calibration"] = spec.describe()
+        emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings)
+        if "calibration" in settings:
+            emulator.manifest["calibration"] = settings["calibration"]
+        return emulator
+
+    return run
+
+
+_NAMES = {"gcs": "gradot", "svd": "svd", "wanda": "wanda"}
+
+METHODS: dict[str, Callable] = {
+    "uniform": _uniform,
+    "crash": _crash,
+    "gradot": _gradot_like("gcs"),
+    "svd": _gradot_like("svd"),
+    "wanda": _gradot_like("wanda"),
+}
+
+
+def _gradot_arguments(p: argparse.ArgumentParser) -> None:
+    from .gradot_method import ALLOCATIONS
+
+    g = p.add_argument_group("gradot / svd / wanda")
+    g.add_argument("--lambda-attn", type=float, default=0.0,
+                   help="weight of the first-order (privacy) term for attention DRD; 0 = curvature only")
+    g.add_argument("--lambda-mlp", type=float, default=0.0,
+                   help="weight of the first-order (privacy) term for MLP SCP; 0 = curvature only")
+    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="uniform: same keep ratio in every matrix; global: lowest curvature cost per parameter "
+                        "across all components and channels; global-layers: also whole layers")
+    g.add_argument("--top-frac", type=float, default=0.05,
+                   help="share of singular components kept unconditionally by singular value")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations during the statistics pass (large models)")
 
 
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +94,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         hook(p)
 
 
-ARGUMENT_HOOKS: list[Callable[[argparse.ArgumentParser], None]] = []
+ARGUMENT_HOOKS: list[Callable[[argparse.ArgumentParser], None]] = [_gradot_arguments]
 
 
 def compress(model, tok, args) -> Emulator:

@@ -1,0 +1,502 @@
+"""KFAC statistics of linear layers from one forward-backward pass over calibration text.
+
+For every tracked linear ``y = W x`` (``W``: out x in) this collects, in float32,
+
+* ``A    = (1/T) sum_t x_t x_t^T``                (in x in),
+* ``G    = (1/T) sum_t g_t g_t^T``                (out x out),
+* ``grad = (1/N) sum_t g_t x_t^T = dL/dW``        (out x in),
+
+where the sums run over every non-padding position ``t`` of every calibration sequence (``T``
+positions in all), ``N`` is the number of tokens with a loss (shifted labels != -100), ``L`` is the
+**mean** causal-LM cross-entropy over all ``N`` calibration loss tokens, and
+
+    g_t = d(sum_s l_s)/d y_t = N * dL/dy_t
+
+is the per-token output gradient: the gradient of the *summed* token losses (one backward of the
+summed loss gives it directly, so no rescaling is involved). Hence ``grad`` is exactly the gradient
+of the mean calibration loss w.r.t. ``W`` (global mean, not a mean of per-batch means), while
+``A`` and ``G`` are averages over the same set of positions, so ``G Delta A`` approximates the
+Hessian-vector product of the summed loss per position. Positions without a loss target (the last
+position of each sequence) enter ``A`` and contribute zero to ``G``.
+
+GPT-2's ``Conv1D`` stores its weight ``in x out``; the factors returned for it still follow the
+``out x in`` convention (``grad`` is ``Conv1D.weight.grad.T``).
+
+Memory stays bounded: model parameters are frozen during collection (no ``.grad``, no weight-gradient
+work); gradients are only made to flow from the tracked linears' outputs upwards. To process a model
+layer by layer, call ``collect_kfac`` with a subset of modules at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # GPT-2 style linear with an in x out weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the import optional
+    Conv1D = None  # type: ignore[assignment,misc]
+
+__all__ = ["KFACFactors", "collect_kfac", "forward_backward_floor", "linear_shape"]
+
+
+@dataclass
+class KFACFactors:
+    """KFAC statistics of one linear layer (float32, ``W``: out x in convention).
+
+    Attributes:
+        A: ``E[x x^T]`` over non-padding positions, ``in x in``. Layers reading the same input
+            (q/k/v, gate/up) share one tensor object.
+        G: ``E[g g^T]`` over the same positions, ``out x out``; ``g_t`` the per-token output gradient.
+        grad: gradient of the mean calibration loss w.r.t. ``W``, ``out x in``.
+        n_tokens: number of positions averaged in ``A`` and ``G``.
+        n_loss_tokens: number of loss tokens the mean loss (and so ``grad``) is taken over.
+    """
+
+    A: Tensor
+    G: Tensor
+    grad: Tensor
+    n_tokens: int
+    n_loss_tokens: int
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(m, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return n_out, n_in
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# batches and loss
+# --------------------------------------------------------------------------------------------
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device  # type: ignore[operator,union-attr]
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _prepare_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(input_ids, attention_mask or None, labels)`` on ``device``, each ``B x T``."""
+    if isinstance(batch, Tensor):
+        ids, mask, labels = batch, None, None
+    elif isinstance(batch, Mapping):
+        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
+    else:
+        raise TypeError(f"a batch must be a LongTensor or a dict with input_ids, got {type(batch).__name__}")
+
+    def two_d(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = torch.as_tensor(t)
+        return (t.unsqueeze(0) if t.dim() == 1 else t).to(device)
+
+    ids, mask, labels = two_d(ids), two_d(mask), two_d(labels)
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _loss_sum(model: nn.Module, ids: Tensor, mask: Tensor | None, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed next-token cross-entropy (float32) and the number of loss tokens."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    shift_labels = labels[:, 1:]
+    if mask is not None:
+        # A padding position predicts nothing (with left padding it would "predict" the first real
+        # token): this keeps every padding position's output gradient exactly zero, so dropping
+        # padding from the statistics loses nothing and grad stays the mean loss's gradient.
+        shift_labels = shift_labels.masked_fill(mask[:, :-1] == 0, -100)
+    shift_labels = shift_labels.reshape(-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        shift_labels,
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != -100).sum())
+
+
+def _clear_grad_after_accumulate(t: Tensor) -> None:
+    # Leaves we create only exist to start the backward; never keep their .grad around.
+    t.register_post_accumulate_grad_hook(lambda leaf: setattr(leaf, "grad", None))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# model state
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode and frozen parameters for the duration; restores both exactly afterwards."""
+    req = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in req:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, r in req:
+            p.requires_grad_(r)
+        for m, t in modes:
+            m.training = t
+
+
+def _embedding_requires_grad_hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+    # Gradients must reach (and flow through) every layer even though no parameter requires grad;
+    # reentrant checkpointing in particular needs its inputs to require grad.
+    if torch.is_grad_enabled() and isinstance(output, Tensor) and not output.requires_grad:
+        output = output.detach().requires_grad_(True)
+        _clear_grad_after_accumulate(output)
+        return output
+    return None
+
+
+@contextmanager
+def _checkpointing(model: nn.Module):
+    """Activation checkpointing for the duration (reentrant unless the caller already set it up).
+
+    Reentrant recomputation keeps nothing of the forward but each layer's input; the statistics
+    of a layer are then computed from its recomputation in the backward pass (see ``_Collector``).
+    Transformers only checkpoints modules in training mode, so the ``training`` flag is set on the
+    checkpointing modules themselves (not their children): dropout stays off.
+    """
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if not flagged:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    already = any(m.gradient_checkpointing for m in flagged)
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+    if not already:
+        kwargs = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True  # restored by _frozen_eval
+    handle = model.get_input_embeddings().register_forward_hook(_embedding_requires_grad_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        if not already:
+            if hasattr(model, "activation_checkpointing_disable"):
+                model.activation_checkpointing_disable()
+            else:
+                model.gradient_checkpointing_disable()
+            if not had_input_hooks and hasattr(model, "disable_input_require_grads"):
+                model.disable_input_require_grads()
+
+
+# --------------------------------------------------------------------------------------------
+# the collector
+# --------------------------------------------------------------------------------------------
+
+
+class _ASum:
+    """Running sum of ``x x^T`` (possibly shared by several modules reading the same input)."""
+
+    __slots__ = ("sum", "n")
+
+    def __init__(self, n_in: int, device: torch.device):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self.n = 0
+
+
+class _Stats:
+    __slots__ = ("name", "n_out", "n_in", "a", "G", "grad", "n_tokens")
+
+    def __init__(self, name: str, n_out: int, n_in: int):
+        self.name, self.n_out, self.n_in = name, n_out, n_in
+        self.a: _ASum | None = None
+        self.G: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.n_tokens = 0
+
+
+class _Collector:
+    """Forward hooks that accumulate ``A`` and attach gradient hooks that accumulate ``G``, ``grad``.
+
+    Double counting under activation checkpointing is avoided by construction:
+
+    * ``A`` is only accumulated outside ``loss.backward()``; hooks that fire while recomputing a
+      checkpointed layer inside the backward skip it.
+    * ``G``/``grad`` come from gradient hooks on the module output, registered whenever grad mode is
+      on, each paired with *its own* input ``x``. Exactly one copy of each output is on the graph the
+      backward traverses: without checkpointing the forward's; with reentrant checkpointing the
+      recomputation's (the forward ran under ``no_grad``, so nothing was registered then); with
+      non-reentrant checkpointing the forward's (the recomputed graph only supplies saved tensors
+      and is never traversed, so hooks registered on it never fire).
+
+    Shared inputs: a module called with the very tensor (same data pointer, shape, strides, dtype)
+    as the previously called tracked module adopts that module's ``A`` accumulator (the grouping is
+    fixed on the first batch and checked for consistency at the end) and does not add it again. The previous input is held until the next tracked call, so its
+    address cannot be reused by another tensor meanwhile.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], shared_inputs: bool):
+        self.shared_inputs = shared_inputs
+        self.stats = {name: _Stats(name, *linear_shape(m)) for name, m in modules.items()}
+        self.mask: Tensor | None = None  # flat boolean mask of the current batch's real tokens
+        self.n_real = 0  # number of True entries in mask
+        self.in_backward = False
+        self.last: tuple[tuple, Tensor, _ASum] | None = None
+        self.n_loss_tokens = 0
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def rows(self, t: Tensor) -> Tensor:
+        """``t`` as float32 ``tokens x features``, padding positions dropped."""
+        t2 = t.detach().reshape(-1, t.shape[-1])
+        if self.mask is not None:
+            if t2.shape[0] != self.mask.numel():
+                raise RuntimeError(
+                    f"a tracked module saw {t2.shape[0]} positions but the batch has {self.mask.numel()}; "
+                    "cannot apply the attention mask"
+                )
+            t2 = t2[self.mask]
+        return t2.float()
+
+    def n_rows(self, t: Tensor) -> int:
+        """Number of positions ``rows(t)`` would return, without computing it."""
+        return self.n_real if self.mask is not None else t.numel() // t.shape[-1]
+
+    def begin_batch(self, attention_mask: Tensor | None) -> None:
+        self.mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        self.n_real = 0 if self.mask is None else int(self.mask.sum())
+        self.last = None
+
+    def end_forward(self) -> None:
+        self.last = None
+
+    @contextmanager
+    def backward_phase(self):
+        self.in_backward = True
+        try:
+            yield
+        finally:
+            self.in_backward = False
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> Any:
+        if not inputs or not isinstance(inputs[0], Tensor):
+            raise RuntimeError(f"{name}: expected the input tensor as the first positional argument")
+        x = inputs[0]
+        st = self.stats[name]
+        if x.shape[-1] != st.n_in:
+            raise RuntimeError(f"{name}: input has {x.shape[-1]} features, weight expects {st.n_in}")
+        if not self.in_backward:  # not a checkpoint recomputation
+            with torch.no_grad():
+                self._accumulate_a(st, x)
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
+            return self._tap_output(st, x, output)
+        return None
+
+    def _accumulate_a(self, st: _Stats, x: Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+        same_as_last = self.shared_inputs and self.last is not None and self.last[0] == key
+        if st.a is None:
+            st.a = self.last[2] if same_as_last else _ASum(st.n_in, x.device)  # type: ignore[index]
+        st.n_tokens += self.n_rows(x)
+        if not (same_as_last and self.last[2] is st.a):  # type: ignore[index]
+            rows = self.rows(x)
+            st.a.sum.addmm_(rows.T, rows)
+            st.a.n += rows.shape[0]
+        self.last = (key, x, st.a)
+
+    def _tap_output(self, st: _Stats, x: Tensor, y: Tensor) -> Tensor | None:
+        def on_grad(g: Tensor) -> None:
+            with torch.no_grad():
+                self._accumulate_g(st, x, g)
+
+        if y.requires_grad:
+            y.register_hook(lambda g: on_grad(g))  # returns None: gradient unchanged
+            return None
+        # Nothing below this module requires grad (parameters are frozen): start the graph here,
+        # so the backward stops at the lowest tracked layer instead of running down to the embedding.
+        # (Architectures that modify a linear's output in place would reject this leaf; none of the
+        # supported ones do.)
+        leaf = y.detach().requires_grad_(True)
+
+        def post(t: Tensor) -> None:
+            on_grad(t.grad)  # type: ignore[arg-type]
+            t.grad = None
+
+        leaf.register_post_accumulate_grad_hook(post)
+        return leaf
+
+    def _accumulate_g(self, st: _Stats, x: Tensor, g: Tensor) -> None:
+        g2, x2 = self.rows(g), self.rows(x)
+        if st.G is None:
+            st.G = torch.zeros(st.n_out, st.n_out, dtype=torch.float32, device=g2.device)
+            st.grad = torch.zeros(st.n_out, st.n_in, dtype=torch.float32, device=g2.device)
+        st.G.addmm_(g2.T, g2)
+        st.grad.addmm_(g2.T, x2)  # type: ignore[union-attr]
+
+    # -- result -------------------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, KFACFactors]:
+        never = [n for n, st in self.stats.items() if st.n_tokens == 0]
+        if never:
+            raise RuntimeError(f"these modules never saw a token during collection: {never}")
+        A_of: dict[int, Tensor] = {}
+        out: dict[str, KFACFactors] = {}
+        n_loss = self.n_loss_tokens
+        for name, st in self.stats.items():
+            a = st.a
+            assert a is not None
+            if a.n != st.n_tokens:
+                raise RuntimeError(
+                    f"{name}: shared-input grouping changed between batches (A saw {a.n} tokens, the module "
+                    f"{st.n_tokens}); rerun with shared_inputs=False"
+                )
+            if id(a) not in A_of:  # one tensor object per shared accumulator
+                A_of[id(a)] = a.sum / a.n
+            dev = a.sum.device
+            G = st.G if st.G is not None else torch.zeros(st.n_out, st.n_out, device=dev)
+            grad = st.grad if st.grad is not None else torch.zeros(st.n_out, st.n_in, device=dev)
+            out[name] = KFACFactors(
+                A=A_of[id(a)],
+                G=G / st.n_tokens,
+                grad=grad / max(n_loss, 1),
+                n_tokens=st.n_tokens,
+                n_loss_tokens=n_loss,
+            )
+        return out
+
+
+def _progress(batches: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None)
+
+
+def collect_kfac(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Mapping[str, Tensor] | Tensor],
+    *,
+    shared_inputs: bool = True,
+    progress: bool = True,
+    gradient_checkpointing: bool = False,
+) -> dict[str, KFACFactors]:
+    """Collect KFAC factors of ``modules`` over ``batches`` with the model's causal-LM loss.
+
+    See the module docstring for the exact definitions and scaling of ``A``, ``G`` and ``grad``.
+
+    Args:
+        model: a Hugging Face causal LM (returns ``.logits``; accepts ``input_ids``,
+            ``attention_mask``, ``use_cache``).
+        modules: name -> ``nn.Linear`` or transformers ``Conv1D`` inside ``model``.
+        batches: ``B x T`` (or ``T``) ``LongTensor`` of input ids, or dicts with ``input_ids`` and
+            optionally ``attention_mask`` (0 = padding: excluded from every statistic) and
+            ``labels`` (default: ``input_ids`` with padding set to -100; shifted internally; a
+            token is only a loss token when the position predicting it is not padding).
+        shared_inputs: compute ``A`` once for linears reading the same input tensor (q/k/v,
+            gate/up) and share the tensor object between their entries.
+        progress: show a tqdm progress bar over the batches.
+        gradient_checkpointing: run with activation checkpointing (reentrant, unless the model
+            already has checkpointing enabled, which is then used as is); gives the same factors.
+
+    Returns:
+        name -> ``KFACFactors`` (float32, on the device of each module's inputs).
+
+    The model's parameters are frozen and it runs in eval mode during collection (no dropout, no
+    ``.grad`` on any parameter); its ``requires_grad`` flags, training modes and checkpointing
+    setting are restored afterwards.
+    """
+    for m in modules.values():
+        linear_shape(m)  # type check with a clear error
+    collector = _Collector(modules, shared_inputs)
+    device = _input_device(model)
+    handles = []
+    with _frozen_eval(model):
+        ckpt = _checkpointing(model) if gradient_checkpointing else nullcontext()
+        with ckpt:
+            try:
+                for name, m in modules.items():
+                    handles.append(m.register_forward_hook(partial(collector.forward_hook, name)))
+                it = _progress(batches, progress, "KFAC statistics")
+                for batch in it:
+                    ids, mask, labels = _prepare_batch(batch, device)
+                    collector.begin_batch(mask)
+                    loss, n_loss = _loss_sum(model, ids, mask, labels)
+                    collector.end_forward()
+                    if n_loss > 0 and loss.requires_grad:
+                        with collector.backward_phase():
+                            loss.backward()
+                    collector.n_loss_tokens += n_loss
+                    if progress and hasattr(it, "set_postfix") and n_loss > 0:
+                        it.set_postfix(loss=f"{loss.item() / n_loss:.3f}")
+                    del loss
+            finally:
+                for h in handles:
+                    h.remove()
+                collector.begin_batch(None)
+    return collector.finalize()
+
+
+def forward_backward_floor(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor] | Tensor],
+    *,
+    gradient_checkpointing: bool = False,
+) -> float:
+    """Seconds one plain forward+backward over ``batches`` takes: the floor for ``collect_kfac``.
+
+    Same model state as ``collect_kfac`` (eval mode, frozen parameters, the same summed causal-LM
+    loss) but no hooks: the backward runs from the loss down to the embedding output and computes no
+    weight gradients (``collect_kfac`` does not need them either). Only the forward and backward
+    themselves are timed (batches are moved to the device first; CUDA is synchronised).
+    """
+    device = _input_device(model)
+    total = 0.0
+    with _frozen_eval(model):
+        ckpt = _checkpointing(model) if gradient_checkpointing else nullcontext()
+        with ckpt:
+            handle = None
+            if not gradient_checkpointing:  # _checkpointing installs the same hook itself
+                handle = model.get_input_embeddings().register_forward_hook(_embedding_requires_grad_hook)
+            try:
+                for batch in batches:
+                    ids, mask, labels = _prepare_batch(batch, device)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    loss, n_loss = _loss_sum(model, ids, mask, labels)
+                    if n_loss > 0 and loss.requires_grad:
+                        loss.backward()
+                    _sync(device)
+                    total += time.perf_counter() - t0
+                    del loss
+            finally:
+                if handle is not None:
+                    handle.remove()
+    return total

@@ -1,0 +1,128 @@
+"""GradOT emulators: exactness at full budget, budget accuracy, selection rules, artifacts."""
+
+import math
+
+import pytest
+import torch
+from conftest import ARCHS, VOCAB, calib_batches, tiny_model
+
+from gradot.artifacts import load_emulator, save_emulator
+from gradot.emulator import middle_parameter_count
+from gradot.gradot_method import ALLOCATIONS, GradOTConfig, gradot_emulator, middle_linears, score_middle
+from gradot.kfac import collect_kfac
+from gradot.registry import arch_of, decoder_layers, get_module
+from gradot.scores import drd_select
+from gradot.split import split_model
+from gradot.surgery import LowRankLinear, prune_mlp_channels, to_lowrank
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+def factors_for(model, split):
+    return collect_kfac(model, middle_linears(model, split), calib_batches(), progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_drd_and_keep_all_scp_leave_logits_unchanged(arch, tokens):
+    model = tiny_model(arch)
+    spec = arch_of(model)
+    reference = logits(model, tokens)
+    layer = decoder_layers(model)[2]
+    for name in spec.attn_linears:
+        module = get_module(layer, name)
+        W = (module.weight.T if spec.conv1d else module.weight).detach()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        from gradot.registry import set_module
+        set_module(layer, name, to_lowrank(module, U, S, Vh, torch.arange(len(S))))
+        assert isinstance(get_module(layer, name), LowRankLinear)
+    channels = get_module(layer, spec.mlp_out).weight.shape[0 if spec.conv1d else 1]
+    prune_mlp_channels(layer, spec, torch.arange(channels).flip(0))  # order must not matter
+    assert torch.allclose(logits(model, tokens), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_keep_one_is_exact(arch, allocation, tokens):
+    model = tiny_model(arch)
+    split = split_model(model, 2)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=1.0, allocation=allocation, lambda_attn=0.1), factors_for(model, split))
+    assert torch.equal(logits(model, tokens), logits(emu.model, tokens))
+
+
+def wide_model():
+    from transformers import LlamaConfig
+    from gradot.modeling import random_model
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=256, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return random_model(cfg, seed=3)
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("keep", [0.4, 0.7])
+def test_achieved_size_matches_budget_within_one_percent(allocation, keep):
+    model = wide_model()
+    split = split_model(model, 2)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=keep, allocation=allocation), factors_for(model, split))
+    size = emu.manifest["size"]
+    assert size["middle_params_original"] == middle_parameter_count(model, split)
+    assert abs(size["keep_achieved"] - keep) <= 0.01 * keep
+    assert size["keep_achieved"] <= keep + 1e-9  # never over budget
+    # The manifest's count is what the emulator really stores.
+    layers = decoder_layers(emu.model)
+    stored = sum(p.numel() for i, s in enumerate(emu.manifest["slots"]) if s["role"] == "middle" for p in layers[i].parameters())
+    assert stored == size["middle_params_kept"]
+
+
+@pytest.mark.parametrize("selection", ["svd", "wanda"])
+def test_ablations_hit_the_budget(selection):
+    model = wide_model()
+    split = split_model(model, 2)
+    f = factors_for(model, split) if selection == "wanda" else None
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.5, selection=selection), f, method=selection)
+    assert abs(emu.manifest["size"]["keep_achieved"] - 0.5) <= 0.005
+
+
+def test_selection_keeps_top_five_percent_and_follows_gcs():
+    model = wide_model()
+    split = split_model(model, 2)
+    scores = score_middle(model, split, factors_for(model, split), GradOTConfig(keep=0.4, lambda_attn=0.3))
+    for ls in scores:
+        for m in ls.attn:
+            n = len(m.svd.S)
+            top = math.ceil(0.05 * n)
+            for rank in (top, n // 3, n // 2):
+                kept = set(m.keep_order[:rank].tolist())
+                assert set(range(top)) <= kept  # the largest singular values survive
+                assert kept == set(drd_select(m.svd.S, m.svd.gcs, rank).tolist())
+
+
+def test_global_allocation_differs_per_layer_and_can_drop_layers():
+    model = wide_model()
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.4, allocation="global"), f)
+    middle = [s for s in emu.manifest["slots"] if s["role"] == "middle"]
+    assert len({s["channels"] for s in middle}) > 1 or len({tuple(s["ranks"].items()) for s in middle}) > 1
+    # A layer whose removal costs nothing goes first: zero one layer's output projections.
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        layers[3].self_attn.o_proj.weight.zero_()
+        layers[3].mlp.down_proj.weight.zero_()
+    f = factors_for(model, split)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.8, allocation="global-layers"), f)
+    assert 3 in emu.manifest["settings"]["dropped_layers"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("allocation", ["uniform", "global-layers"])
+def test_gradot_emulator_save_load_roundtrip(arch, allocation, tokens, tmp_path):
+    model = tiny_model(arch, layers=8)
+    split = split_model(model, 2)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.5, allocation=allocation, lambda_mlp=0.01), factors_for(model, split))
+    save_emulator(emu, tmp_path / "emu")
+    loaded = load_emulator(tmp_path / "emu")
+    assert torch.equal(logits(emu.model, tokens), logits(loaded.model, tokens))
+    assert not torch.allclose(logits(model, tokens), logits(emu.model, tokens))
