@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from gradot.baselines import crash_emulator, uniform_emulator
-from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path, default_data_dir
+from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
 from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears
 from gradot.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
 from gradot.split import split_model
-from gradot.tasks import load_task
+from gradot.tasks import load_task, resolve_data_dir
 
 
 def parse_args(argv=None):
@@ -43,13 +43,13 @@ def parse_args(argv=None):
                    help="lambda sweep (attention and MLP together) for the sweep allocation")
     p.add_argument("--sweep-allocation", default="global", help="allocation the lambda sweep runs on")
     p.add_argument("--methods", default="uniform,crash,svd,wanda,gradot-uniform,gradot-global,gradot-global-layers")
-    p.add_argument("--calib-sequences", type=int, default=128)
+    p.add_argument("--calib-sequences", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--tasks", default="piqa,arc_easy,sciq,openbookqa")
-    p.add_argument("--grad-batches", type=int, default=16, help="paired batches of task data")
+    p.add_argument("--grad-batches", type=int, default=12, help="paired batches of task data")
     p.add_argument("--grad-batch-size", type=int, default=8)
-    p.add_argument("--ppl-sequences", type=int, default=16)
+    p.add_argument("--ppl-sequences", type=int, default=8)
     p.add_argument("--ppl-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -68,7 +68,8 @@ def task_batches(tok, tasks, n_batches, batch_size, seed):
 
 def git_commit():
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).resolve().parent).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -83,7 +84,7 @@ def main(argv=None):
     tasks = args.tasks.split(",")
     calib = calibration_batches(tok, CalibrationSpec(str(default_calibration_path()), args.calib_sequences,
                                                      args.calib_len, args.calib_batch))
-    test_text = default_data_dir() / "text" / "wikitext-2-raw" / "wiki.test.raw"
+    test_text = resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.test.raw"
     ppl_batches = calibration_batches(tok, CalibrationSpec(str(test_text), args.ppl_sequences, args.ppl_len, 4))
     grad_batches = task_batches(tok, tasks, args.grad_batches, args.grad_batch_size, args.seed)
 

@@ -18,14 +18,14 @@ class CalibrationError(ValueError):
     """Calibration text is missing, empty or too short."""
 
 
-def default_data_dir() -> Path:
-    """``GRADOT_DATA_DIR`` if set, else ``../shared/data`` (the layout of this project's checkout)."""
-    env = os.environ.get("GRADOT_DATA_DIR")
-    return Path(env) if env else Path.cwd().parent / "shared" / "data"
-
-
 def default_calibration_path() -> Path:
-    return default_data_dir() / "text" / "wikitext-2-raw" / "wiki.valid.raw"
+    """WikiText-2 validation text in the shared data folder (found as the task loaders find it)."""
+    from .tasks import resolve_data_dir
+
+    try:
+        return resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.valid.raw"
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"no default calibration text: {exc}; pass --calib PATH") from exc
 
 
 def read_corpus(path: str | os.PathLike) -> str:
