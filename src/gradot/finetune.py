@@ -1,0 +1,616 @@
+"""Fine-tuning with transformers' ``Trainer``: the adapter on an emulator, or a whole model (Full FT).
+
+The data owner's step of offsite-tuning (DESIGN.md §1, step 3): only the adapter layers (the bottom
+and top ``k`` decoder layers, ``Emulator.adapter_parameters()``) are trained; embeddings, final norm,
+head and the compressed middle stay frozen. ``finetune_full`` trains every parameter of an original
+model, the "Full FT" upper bound of the result tables (DESIGN.md §4).
+
+Training runs through ``transformers.Trainer``, so ``accelerate launch`` (multi-GPU DDP), bf16,
+gradient accumulation, its tqdm progress bar and its log history work unchanged.
+
+Data
+----
+``records`` is a list whose items are either
+
+* ``(prompt, continuation)`` pairs, e.g. ``("Question: capital of France?\\nAnswer:", " Paris")``:
+  the loss is on the continuation tokens only (labels are -100 on the prompt and on padding), or
+* plain strings: language-modelling loss on every token. A string longer than ``max_length``
+  tokens is cut into consecutive windows of ``max_length`` tokens.
+
+A pair is tokenized exactly as lm-evaluation-harness (0.4.x, causal models) encodes a
+context/continuation pair for scoring: trailing whitespace of the prompt moves to the continuation,
+``prompt + continuation`` and ``prompt`` are encoded with the tokenizer's default special tokens,
+and the continuation's ids are the whole encoding minus the prompt's length. The model is therefore
+trained on the very token sequence it is scored on. Sequences longer than ``max_length`` are
+truncated from the LEFT (the start of the prompt goes first), as the harness does.
+
+Checkpoints and resuming
+------------------------
+Checkpoints (``output_dir/checkpoint-<step>``, every ``save_steps`` and at the end) hold only the
+TRAINABLE parameters, in ``trainable.safetensors``: the adapter (or the LoRA matrices) rather than
+the whole emulator, which is faster and sidesteps safetensors' refusal of shared tensors (tied
+embeddings, CRaSh layer sharing). ``resume=True`` restores them from the newest complete checkpoint,
+together with the optimizer, scheduler, RNG states and data position, and ends with the same weights
+as an uninterrupted run of the same seed. The optimizer, scheduler and RNG files
+(``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``) are the ``Trainer``'s own, written by it into
+the checkpoint and read back by it with ``torch.load(weights_only=True)``; model weights are never
+read from a pickle, and no ``training_args.bin`` pickle is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .emulator import Emulator
+from .registry import arch_of, decoder_layers
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FULL_LR",
+    "TASK_LR",
+    "TRAINABLE_FILE",
+    "CausalLMCollator",
+    "FinetuneConfig",
+    "FinetuneDataset",
+    "default_learning_rate",
+    "encode_pair",
+    "finetune_adapter",
+    "finetune_full",
+    "last_checkpoint",
+    "load_trainable",
+    "lora_target_modules",
+    "pad_token_id",
+    "save_trainable",
+    "task_records",
+    "trainable_parameters",
+]
+
+#: Default adapter learning rate per task (used when ``FinetuneConfig.learning_rate`` is None).
+#: 1e-4 is offsite-tuning's adapter learning rate; no per-task tuning has been done yet.
+TASK_LR: dict[str, float] = {
+    "default": 1e-4,
+    "openbookqa": 1e-4,
+    "piqa": 1e-4,
+    "arc_easy": 1e-4,
+    "arc_challenge": 1e-4,
+    "hellaswag": 1e-4,
+    "sciq": 1e-4,
+    "webquestions": 1e-4,
+    "race": 1e-4,
+}
+
+#: Default learning rate for full fine-tuning (every parameter moves, so a lower rate).
+FULL_LR: dict[str, float] = {"default": 2e-5}
+
+#: File name of the trainable parameters inside a checkpoint folder.
+TRAINABLE_FILE = "trainable.safetensors"
+_TRAINER_STATE = "trainer_state.json"
+
+
+def default_learning_rate(task: str | None, full: bool = False) -> float:
+    table = FULL_LR if full else TASK_LR
+    return table.get(task or "default", table["default"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (adapter or full)."""
+
+    output_dir: str = field(metadata=_help("folder for checkpoints (checkpoint-<step>/) and the Trainer's state"))
+    task: str | None = field(default=None, metadata=_help(
+        "task name, only used to pick the default learning rate from TASK_LR / FULL_LR"))
+    learning_rate: float | None = field(default=None, metadata=_help(
+        "peak learning rate; None: the task's default (TASK_LR for adapters, FULL_LR for full fine-tuning)"))
+    epochs: float = field(default=1.0, metadata=_help("passes over the data (ignored when max_steps > 0)"))
+    max_steps: int = field(default=-1, metadata=_help("optimizer steps to run in total; -1: use epochs"))
+    batch_size: int = field(default=8, metadata=_help("examples per device per forward pass"))
+    grad_accum: int = field(default=1, metadata=_help("forward passes accumulated per optimizer step"))
+    max_length: int = field(default=256, metadata=_help(
+        "tokens per example; longer pairs lose the start of the prompt, longer texts are windowed"))
+    seed: int = field(default=0, metadata=_help("seed of initialisation (LoRA), dropout and data order"))
+    warmup_ratio: float = field(default=0.0, metadata=_help("fraction of the steps with linear warm-up, in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (not applied to biases and norms)"))
+    lr_scheduler: str = field(default="linear", metadata=_help(
+        "transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: no clipping)"))
+    logging_steps: int = field(default=10, metadata=_help("optimizer steps between loss log entries"))
+    save_steps: int = field(default=500, metadata=_help("optimizer steps between checkpoints (also saved at the end)"))
+    save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept (oldest deleted); None: all"))
+    bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (needs hardware support)"))
+    lora_r: int = field(default=0, metadata=_help("LoRA rank on the adapter layers' linears; 0: train whole layers"))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest complete checkpoint in output_dir, if there is one"))
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"FinetuneConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        if not str(self.output_dir):
+            bad("output_dir", "must be a folder path")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        if self.max_steps <= 0 and self.max_steps != -1:
+            bad("max_steps", "must be > 0, or -1 to use epochs")
+        if self.max_steps == -1 and not self.epochs > 0:
+            bad("epochs", "must be > 0 when max_steps is -1")
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        if self.max_length < 2:
+            bad("max_length", "must be >= 2")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.lora_r < 0:
+            bad("lora_r", "must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            bad("save_total_limit", "must be >= 1 or None")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def encode_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, continuation_ids)`` as lm-evaluation-harness encodes a causal LM request.
+
+    Mirrors ``lm_eval.api.model.TemplateLM._encode_pair`` with the harness's default special
+    tokens: trailing whitespace of the prompt moves to the continuation; the continuation's ids are
+    ``encode(prompt + continuation)`` minus the first ``len(encode(prompt))`` ids. An empty prompt
+    becomes the model's prefix token (BOS, else EOS), as in the harness.
+    """
+    if not prompt:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("an empty prompt needs a tokenizer with a BOS or EOS token")
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:
+        continuation = prompt[-n_spaces:] + continuation
+        prompt = prompt[:-n_spaces]
+    whole = tokenizer(prompt + continuation)["input_ids"]
+    context = tokenizer(prompt)["input_ids"]
+    return context, whole[len(context):]
+
+
+def _is_pair(record: Any) -> bool:
+    return isinstance(record, (tuple, list)) and len(record) == 2 and all(isinstance(x, str) for x in record)
+
+
+class FinetuneDataset(torch.utils.data.Dataset):
+    """Tokenized training examples: ``{"input_ids": [...], "labels": [...]}`` per item.
+
+    ``labels`` is -100 wherever no loss is wanted (the prompt of a pair). The model shifts labels
+    itself, so ``labels[i]`` is the target predicted at position ``i - 1``.
+    """
+
+    def __init__(self, tokenizer, records: Sequence, max_length: int = 256):
+        if isinstance(records, (str, bytes)):
+            raise ValueError("records: expected a list of (prompt, continuation) pairs or texts, got one string")
+        records = list(records)
+        if not records:
+            raise ValueError("records: expected a non-empty list of (prompt, continuation) pairs or texts")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.max_length = max_length
+        self.examples: list[tuple[list[int], list[int]]] = []
+        self.kinds = set()
+        for i, record in enumerate(records):
+            if _is_pair(record):
+                prompt, continuation = record
+                ctx, cont = encode_pair(tokenizer, prompt, continuation)
+                if not cont:
+                    raise ValueError(f"record {i}: continuation {continuation!r} encodes to no tokens")
+                ids = (ctx + cont)[-max_length:]
+                labels = ([-100] * len(ctx) + cont)[-max_length:]
+                self.examples.append((ids, labels))
+                self.kinds.add("pairs")
+            elif isinstance(record, str):
+                ids = tokenizer(record)["input_ids"]
+                if len(ids) < 2:
+                    raise ValueError(f"record {i}: text {record[:40]!r} has fewer than 2 tokens (nothing to predict)")
+                for start in range(0, len(ids), max_length):
+                    window = ids[start:start + max_length]
+                    if len(window) >= 2:  # a lone trailing token has no target inside its window
+                        self.examples.append((window, list(window)))
+                self.kinds.add("text")
+            else:
+                raise ValueError(
+                    f"record {i}: expected a (prompt, continuation) pair of strings or a string, got {type(record).__name__}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids, labels = self.examples[i]
+        return {"input_ids": ids, "labels": labels}
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens that carry loss (the first position of a sequence never does: nothing precedes it)."""
+        return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in self.examples)
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads a batch: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, plus ``attention_mask``."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for row, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[row, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :k] = torch.tensor(f["labels"], dtype=torch.long)
+            mask[row, :k] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else EOS, else 0 (padded positions are masked and carry no loss)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def task_records(examples) -> list[tuple[str, str]]:
+    """``(prompt, gold continuation)`` pairs from ``gradot.tasks`` examples (``load_task``)."""
+    return [(e.prompt, e.continuation()) for e in examples]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of the trainable parameters only
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, each shared parameter once (``named_parameters`` dedups)."""
+    return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: nn.Module, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write the trainable parameters to ``folder/trainable.safetensors`` (atomically)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = trainable_parameters(model)
+    source = state_dict if state_dict is not None else params
+    tensors, pointers = {}, set()
+    for name in params:
+        if name not in source:
+            raise RuntimeError(f"checkpoint: trainable parameter {name} missing from the state dict to save")
+        t = source[name].detach().to("cpu").contiguous()
+        if t.data_ptr() in pointers:  # safetensors refuses tensors sharing memory
+            t = t.clone()
+        pointers.add(t.data_ptr())
+        tensors[name] = t
+    path = folder / TRAINABLE_FILE
+    tmp = folder / f".{TRAINABLE_FILE}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "content": "gradot trainable parameters"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Copy a checkpoint's trainable parameters into ``model``; names, shapes must match exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TRAINABLE_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (not a gradot fine-tuning checkpoint)")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    params = trainable_parameters(model)
+    if set(tensors) != set(params):
+        extra, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
+        raise ValueError(
+            f"{path}: parameters do not match this run's trainable parameters "
+            f"(unexpected: {extra[:3]}, missing: {missing[:3]}); was it written with other settings (LoRA, full)?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            t = tensors[name]
+            if t.shape != p.shape:
+                raise ValueError(f"{path}: {name} has shape {list(t.shape)}, the model expects {list(p.shape)}")
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest COMPLETE checkpoint in ``output_dir`` (weights and trainer state written), or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        step = child.name.removeprefix("checkpoint-")
+        if child.is_dir() and step != child.name and step.isdigit():
+            if (child / TRAINABLE_FILE).is_file() and (child / _TRAINER_STATE).is_file():
+                found.append((int(step), child))
+    return max(found)[1] if found else None
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class TrainableOnlyTrainer(Trainer):
+        """A ``Trainer`` whose checkpoints hold only the trainable parameters (safetensors)."""
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if not self.args.should_save:
+                return
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            save_trainable(self.model, output_dir, state_dict)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            load_trainable(model if model is not None else self.model, resume_from_checkpoint)
+
+    return TrainableOnlyTrainer
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_target_modules(model: nn.Module, positions: Sequence[int]) -> list[str]:
+    """Full names of every linear (``nn.Linear`` or GPT-2 ``Conv1D``) in the decoder layers at
+    ``positions``, e.g. ``model.layers.0.self_attn.q_proj``."""
+    prefix = arch_of(model).layers
+    layers = decoder_layers(model)
+    names = []
+    for pos in positions:
+        for name, module in layers[pos].named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                names.append(f"{prefix}.{pos}.{name}")
+    if not names:
+        raise ValueError(f"no linear layers found in decoder layers {list(positions)}")
+    return names
+
+
+def _with_lora(model: nn.Module, positions: Sequence[int], cfg: FinetuneConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's A matrices are random
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model, positions),
+        fan_in_fan_out=arch_of(model).conv1d,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _bf16_on_cpu(cfg: FinetuneConfig) -> bool:
+    """bf16 asked for on a machine without a bf16 GPU: CPU autocast if there is no GPU at all."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if not cfg.bf16 or is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return False
+    if torch.cuda.is_available():
+        raise ValueError("bf16 needs an Ampere or newer GPU; this GPU does not support it (leave bf16 off)")
+    return True
+
+
+def _training_arguments(cfg: FinetuneConfig, learning_rate: float):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        learning_rate=learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        seed=cfg.seed,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of the steps
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=cfg.bf16,
+        use_cpu=_bf16_on_cpu(cfg),  # otherwise transformers refuses bf16 on a CPU-only machine
+        report_to=[],
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _meter():
+    from transformers import TrainerCallback
+
+    class RunMeter(TrainerCallback):
+        """Steps, tokens and wall time of THIS run (a resumed run starts at the checkpoint)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = (state.global_step, state.num_input_tokens_seen, time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            step0, tokens0, t0 = self.start
+            self.steps = state.global_step - step0
+            self.tokens = state.num_input_tokens_seen - tokens0
+            self.seconds = time.perf_counter() - t0
+
+    return RunMeter()
+
+
+def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rate: float, callbacks) -> dict[str, Any]:
+    dataset = FinetuneDataset(tokenizer, records, cfg.max_length)
+    meter = _meter()
+    trainer = _trainer_class()(
+        model=model,
+        args=_training_arguments(cfg, learning_rate),
+        train_dataset=dataset,
+        data_collator=CausalLMCollator(pad_token_id(tokenizer)),
+        callbacks=[meter, *(callbacks or [])],
+    )
+    checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log.info("resume: no complete checkpoint in %s, starting from scratch", cfg.output_dir)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    history = [
+        {k: e[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in e}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
+    steps = getattr(meter, "steps", 0)
+    seconds = getattr(meter, "seconds", 0.0)
+    tokens = getattr(meter, "tokens", 0)
+    return {
+        "learning_rate": learning_rate,
+        "train_loss": output.metrics.get("train_loss"),
+        "loss_history": history,
+        "steps": trainer.state.global_step,
+        "steps_this_run": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps if steps else None,
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "examples": len(dataset),
+        "loss_tokens_per_epoch": dataset.loss_tokens,
+        "data": sorted(dataset.kinds),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "checkpoint": str(final) if (final := last_checkpoint(cfg.output_dir)) else None,
+    }
+
+
+class _Frozen:
+    """Make exactly ``trainable`` require grad (and ``config.use_cache`` off) for the block;
+    restore the flags, the cache setting and eval mode afterwards."""
+
+    def __init__(self, model: nn.Module, trainable: Sequence[nn.Parameter] | None):
+        self.model, self.trainable = model, trainable
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        if self.trainable is not None:
+            keep = {id(p) for p in self.trainable}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in keep)
+        config = getattr(self.model, "config", None)
+        self.use_cache = getattr(config, "use_cache", None)
+        if config is not None and self.use_cache is not None:
+            config.use_cache = False
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        if self.use_cache is not None:
+            self.model.config.use_cache = self.use_cache
+        self.model.eval()
+
+
+def _finetune(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, *, positions: Sequence[int],
+              trainable: Sequence[nn.Parameter], full: bool, callbacks) -> tuple[nn.Module, dict[str, Any]]:
+    lr = cfg.learning_rate if cfg.learning_rate is not None else default_learning_rate(cfg.task, full)
+    stats: dict[str, Any] = {
+        "mode": "full" if full else "adapter",
+        "lora_r": cfg.lora_r,
+        "adapter_positions": list(positions),
+    }
+    with _Frozen(model, trainable if not cfg.lora_r else []):
+        if cfg.lora_r:
+            peft_model = _with_lora(model, positions, cfg)  # freezes all but the LoRA matrices
+            stats["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(peft_model).values())
+            try:
+                stats.update(_run(peft_model, tokenizer, records, cfg, lr, callbacks))
+            finally:
+                # Fold the LoRA product into the base weights: the adapter leaves as plain tensors.
+                model = peft_model.merge_and_unload()
+        else:
+            stats["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(model).values())
+            stats.update(_run(model, tokenizer, records, cfg, lr, callbacks))
+    stats["config"] = asdict(cfg)
+    return model, stats
+
+
+def finetune_adapter(emulator: Emulator, tokenizer, records, cfg: FinetuneConfig, callbacks=None
+                     ) -> tuple[Emulator, dict[str, Any]]:
+    """Fine-tune the emulator's adapter layers on ``records`` (in place); everything else stays frozen.
+
+    With ``cfg.lora_r > 0``, LoRA (PEFT) is put on every linear of the adapter layers only and
+    merged back before returning, so ``emulator.model`` holds plain weights and
+    ``gradot.artifacts.save_adapter`` exports them as usual. The model is left on the training
+    device, in eval mode, with its ``requires_grad`` flags as they were. ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects. Returns the emulator and the run's statistics
+    (loss history, steps, seconds, seconds per step, tokens per second, trainable parameters),
+    which can be passed to ``save_adapter(..., training=stats)``.
+    """
+    model, stats = _finetune(
+        emulator.model, tokenizer, records, cfg,
+        positions=emulator.adapter_positions, trainable=emulator.adapter_parameters(), full=False,
+        callbacks=callbacks,
+    )
+    emulator.model = model
+    stats["emulator_method"] = emulator.manifest.get("method")
+    return emulator, stats
+
+
+def finetune_full(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, callbacks=None
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune every parameter of ``model`` (decoder layers, embeddings, final norm, head): the
+    Full FT upper bound. With ``cfg.lora_r > 0``, LoRA on every decoder layer's linears instead
+    (merged before returning). Same statistics as ``finetune_adapter``."""
+    positions = list(range(len(decoder_layers(model))))
+    return _finetune(model, tokenizer, records, cfg, positions=positions,
+                     trainable=list(model.parameters()), full=True, callbacks=callbacks)
