@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,7 +43,19 @@ CONFIG_FILE = "config.json"
 
 
 class ArtifactError(ValueError):
-    """An artifact is malformed, tampered with, or does not fit the model it is used with."""
+    """An artifact is malformed, tampered with, or does not fit the model it is used with.
+
+    The message is always one line (embedded library errors are collapsed and shortened).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def _why(exc: BaseException, limit: int = 300) -> str:
+    """A library exception as a short one-line reason."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,15 +121,20 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def save_emulator(emulator: Emulator, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_emulator(emulator: Emulator, out: str | os.PathLike, overwrite: bool = False, tokenizer=None) -> Path:
+    """Write the emulator (and the base model's tokenizer, which the data owner needs) to ``out``."""
     tensors, aliases = _unique_state(emulator.model)
     manifest = dict(emulator.manifest)
     manifest["dtype"] = _dtype_name(next(emulator.model.parameters()).dtype)
     manifest["aliases"] = aliases
     with atomic_directory(out, overwrite) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)  # JSON/text files only, hashed below like everything else
         emulator.model.config.to_json_file(tmp / CONFIG_FILE)
         manifest["files"] = {EMULATOR_FILE: _write_tensors(tmp, EMULATOR_FILE, tensors)}
-        manifest["files"][CONFIG_FILE] = {"sha256": sha256_file(tmp / CONFIG_FILE)}
+        for path in sorted(tmp.iterdir()):
+            if path.name not in manifest["files"]:
+                manifest["files"][path.name] = {"sha256": sha256_file(path)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     emulator.manifest = manifest
     return Path(out)
@@ -136,12 +154,14 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+        raise ArtifactError(f"{path}: not valid JSON ({_why(exc)})") from exc
+    except RecursionError as exc:  # pathologically nested JSON
+        raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from exc
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     if manifest.get("format") != f"gradot-{kind}":
         raise ArtifactError(f"{path}: format is {manifest.get('format')!r}, expected 'gradot-{kind}'")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not _is_int(manifest.get("format_version")) or manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
@@ -149,13 +169,136 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
         raise ArtifactError(f"{path}: no 'files' entry")
     for name in manifest["files"]:
         # A manifest may only name plain files inside its own directory.
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\x00" in name:
             raise ArtifactError(f"{path}: file name {name!r} points outside the artifact directory")
+    _validate_fields(manifest, kind, path)
     return manifest
+
+
+# Manifest field checks, in one place: every field the loaders, ``describe`` or ``save_adapter`` use
+# is checked for type and consistency here, so that later code can index the manifest freely.
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # JSON integers; bools and floats are not
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_HEX64 = frozenset("0123456789abcdef")
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _validate_fields(m: dict[str, Any], kind: str, path: Path) -> None:
+    def bad(field: str, value: Any, expected: str) -> ArtifactError:
+        return ArtifactError(f"{path}: '{field}' is {_short(value)}, expected {expected}")
+
+    for name, entry in m["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise bad(f"files.{name}", entry, "an object with a 'sha256' hash")
+        tensors = entry.get("tensors", {})
+        if not isinstance(tensors, dict) or not all(
+            isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+            and all(_is_int(d) and d >= 0 for d in spec["shape"]) for spec in tensors.values()
+        ):
+            raise bad(f"files.{name}.tensors", tensors, "tensor name -> {dtype, shape of non-negative integers}")
+    if not isinstance(m.get("model_type"), str) or not m["model_type"]:
+        raise bad("model_type", m.get("model_type"), "a model type name")
+    base = m.get("base")
+    if not isinstance(base, dict):
+        raise bad("base", base, "an object")
+    n = base.get("num_layers")
+    if not _is_int(n) or n < 1:
+        raise bad("base.num_layers", n, "a positive integer")
+    fp = base.get("fingerprint")
+    if not isinstance(fp, str) or len(fp) != 64 or not set(fp) <= _HEX64:
+        raise bad("base.fingerprint", fp, "a sha256 hex digest")
+    adapter = m.get("adapter")
+    if not isinstance(adapter, dict):
+        raise bad("adapter", adapter, "an object")
+    k = adapter.get("k")
+    if not _is_int(k) or k < 1 or 2 * k + 1 > n:
+        raise bad("adapter.k", k, f"a positive integer with 2k + 1 <= {n} layers")
+    split = Split(n, k)
+    for side in ("bottom", "top"):
+        if adapter.get(side) != getattr(split, side):
+            raise bad(f"adapter.{side}", adapter.get(side), f"{getattr(split, side)} (k={k} of {n} layers)")
+    for field in ("training", "emulator", "settings", "calibration", "aliases"):
+        if field in m and not isinstance(m[field], dict):
+            raise bad(field, m[field], "an object")
+    if kind == "emulator":
+        _validate_emulator_fields(m, split, bad)
+
+
+def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
+    if not isinstance(m.get("method"), str):
+        raise bad("method", m.get("method"), "a method name")
+    if not _is_number(m.get("keep_requested")) or not 0 < m["keep_requested"] <= 1:
+        raise bad("keep_requested", m.get("keep_requested"), "a number in (0, 1]")
+    size = m.get("size")
+    if not isinstance(size, dict):
+        raise bad("size", size, "an object")
+    for field in ("middle_params_original", "middle_params_kept", "emulator_params", "emulator_depth"):
+        if not _is_int(size.get(field)) or size[field] < 0:
+            raise bad(f"size.{field}", size.get(field), "a non-negative integer")
+    kept, original = size["middle_params_kept"], size["middle_params_original"]
+    if not 0 < kept <= original:
+        raise bad("size.middle_params_kept", kept, f"a positive integer up to middle_params_original ({original})")
+    if not _is_number(size.get("keep_achieved")) or not math.isclose(size["keep_achieved"], kept / original):
+        raise bad("size.keep_achieved", size.get("keep_achieved"), "middle_params_kept / middle_params_original")
+    if "dtype" in m and m["dtype"] not in _DTYPES:
+        raise bad("dtype", m["dtype"], f"one of {', '.join(_DTYPES)}")
+    aliases = m.get("aliases", {})
+    if not all(isinstance(v, str) for v in aliases.values()):
+        raise bad("aliases", aliases, "tensor name -> tensor name")
+
+    slots = m.get("slots")
+    if not isinstance(slots, list) or len(slots) < 2 * split.k + 1:
+        raise bad("slots", slots, f"a list of at least {2 * split.k + 1} positions")
+    if size["emulator_depth"] != len(slots):
+        raise bad("size.emulator_depth", size["emulator_depth"], f"the number of slots ({len(slots)})")
+    known = {"source", "role", "shares", "ranks", "channels"}
+    middle_positions = range(split.k, len(slots) - split.k)
+    for pos, s in enumerate(slots):
+        where = f"slots[{pos}]"
+        if not isinstance(s, dict) or not {"source", "role"} <= set(s) <= known:
+            raise bad(where, s, "an object with source, role, shares, ranks, channels")
+        role = "middle" if pos in middle_positions else "adapter"
+        if s["role"] != role:
+            raise bad(f"{where}.role", s["role"], repr(role))
+        source = s["source"]
+        if role == "adapter":
+            expected = split.adapter[pos] if pos < split.k else split.top[pos - (len(slots) - split.k)]
+            if source != expected or not _is_int(source):
+                raise bad(f"{where}.source", source, f"adapter layer {expected}")
+        elif not _is_int(source) or source not in split.middle:
+            raise bad(f"{where}.source", source, f"a middle layer index in [{split.k}, {split.num_layers - split.k})")
+        shares = s.get("shares")
+        if shares is not None and not (
+            _is_int(shares) and shares in middle_positions and shares < pos and slots[shares].get("shares") is None
+        ):
+            raise bad(f"{where}.shares", shares, "null or an earlier middle position with its own weights")
+        ranks = s.get("ranks", {})
+        if not isinstance(ranks, dict) or not all(_is_int(r) and r >= 1 for r in ranks.values()):
+            raise bad(f"{where}.ranks", ranks, "linear name -> positive integer rank")
+        if role == "adapter" and ranks:
+            raise bad(f"{where}.ranks", ranks, "{} for an adapter position (adapter layers ship uncompressed)")
+        channels = s.get("channels")
+        if channels is not None and (not _is_int(channels) or channels < 1):
+            raise bad(f"{where}.channels", channels, "null or a positive integer")
 
 
 def _check_hash(folder: Path, name: str, entry: dict) -> Path:
     path = folder / name
+    if path.is_symlink():  # a link could point anywhere outside the artifact directory
+        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds plain files only")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
     if not isinstance(entry, dict) or entry.get("sha256") != sha256_file(path):
@@ -179,7 +322,7 @@ def read_tensors(folder: Path, name: str, entry: dict) -> dict[str, torch.Tensor
                 raise ArtifactError(f"{path}: tensors listed in the manifest but absent: {', '.join(missing[:5])}")
             tensors = {k: f.get_tensor(k) for k in keys}
     except SafetensorError as exc:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_why(exc)})") from exc
     for k, t in tensors.items():
         spec = expected[k]
         if not isinstance(spec, dict) or spec.get("dtype") != _dtype_name(t.dtype) or spec.get("shape") != list(t.shape):
@@ -193,68 +336,128 @@ def _slots(manifest: dict, where: Path) -> list[Slot]:
     try:
         slots = [Slot(**s) for s in manifest["slots"]]
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{where}: malformed 'slots' ({exc})") from exc
+        raise ArtifactError(f"{where}: malformed 'slots' ({_why(exc)})") from exc
     for pos, s in enumerate(slots):
         if s.shares is not None and not (isinstance(s.shares, int) and 0 <= s.shares < pos and slots[s.shares].shares is None):
             raise ArtifactError(f"{where}: slot {pos} shares an invalid position {s.shares!r}")
     return slots
 
 
+def _config_field_error() -> type[Exception]:
+    """What transformers' strict config dataclasses raise on a field of the wrong type."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: such errors are ValueErrors
+        return ValueError
+    return StrictDataclassError
+
+
+def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], context) -> nn.Module:
+    """The emulator's module tree from its config and slots, weights not loaded (``context``: a
+    factory of the context that keeps parameters off real memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with context():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, ArithmeticError, RuntimeError) as exc:
+        # Library code run on the sender's config: any of these means it describes no buildable model.
+        raise ArtifactError(f"{folder / CONFIG_FILE}: does not describe a buildable model ({_why(exc)})") from exc
+    layers = decoder_layers(model)
+    try:
+        with context():
+            for pos, slot in enumerate(slots):
+                if slot.shares is None:
+                    reshape_layer(layers[pos], arch, slot.ranks, slot.channels)
+            for pos, slot in enumerate(slots):
+                if slot.shares is not None:
+                    layers[pos] = shared_copy(layers[slot.shares])
+    except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{folder / MANIFEST}: slot shapes do not fit the architecture ({_why(exc)})") from exc
+    renumber_layers(layers)
+    return model
+
+
 def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     """Rebuild an emulator from its directory alone (no access to the original model)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     manifest = read_manifest(folder, "emulator")
     where = folder / MANIFEST
     if EMULATOR_FILE not in manifest["files"] or CONFIG_FILE not in manifest["files"]:
         raise ArtifactError(f"{where}: must list {EMULATOR_FILE} and {CONFIG_FILE}")
-    _check_hash(folder, CONFIG_FILE, manifest["files"][CONFIG_FILE])
+    for name, entry in manifest["files"].items():
+        if name != EMULATOR_FILE:
+            _check_hash(folder, name, entry)
     tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE])
     slots = _slots(manifest, where)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         arch = arch_of(config)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{folder / CONFIG_FILE}: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError, ArithmeticError, _config_field_error()) as exc:
+        raise ArtifactError(f"{folder / CONFIG_FILE}: {_why(exc)}") from exc
+    if config.model_type != manifest["model_type"]:
+        raise ArtifactError(f"{folder / CONFIG_FILE}: model type {config.model_type!r}, manifest says {manifest['model_type']!r}")
     if config.num_hidden_layers != len(slots):
         raise ArtifactError(f"{where}: {len(slots)} slots but config has {config.num_hidden_layers} layers")
 
     dtype = getattr(torch, manifest.get("dtype", "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(f"{where}: unknown dtype {manifest.get('dtype')!r}")
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = decoder_layers(model)
-    try:
-        for pos, slot in enumerate(slots):
-            if slot.shares is None:
-                reshape_layer(layers[pos], arch, slot.ranks, slot.channels)
-        for pos, slot in enumerate(slots):
-            if slot.shares is not None:
-                layers[pos] = shared_copy(layers[slot.shares])
-    except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{where}: slot shapes do not fit the architecture ({exc})") from exc
-    renumber_layers(layers)
-
+    # config.json and the slots come from the sender: build their architecture on the meta device
+    # first (no memory, whatever sizes the config claims) and check it against the stored tensors
+    # before anything is allocated.
+    skeleton = _build_architecture(folder, config, dtype, arch, slots, lambda: torch.device("meta"))
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    del skeleton
     aliases = manifest.get("aliases", {})
-    expected = set(model.state_dict().keys())
-    if not isinstance(aliases, dict) or not set(aliases) <= expected or not set(aliases.values()) <= set(tensors):
-        raise ArtifactError(f"{where}: malformed 'aliases'")
+    expected = set(shapes)
+    if (not isinstance(aliases, dict) or not set(aliases) <= expected or not set(aliases.values()) <= set(tensors)
+            or set(aliases) & set(tensors)):
+        raise ArtifactError(f"{where}: malformed 'aliases' (each must map a parameter to a stored tensor)")
     if set(tensors) | set(aliases) != expected:
         wrong = sorted(set(tensors) - expected) or sorted(expected - set(tensors) - set(aliases))
         raise ArtifactError(f"{folder / EMULATOR_FILE}: tensors do not match the emulator architecture: {wrong[:5]}")
+    for name, t in sorted(tensors.items()):
+        if t.shape != shapes[name]:
+            raise ArtifactError(f"{folder / EMULATOR_FILE}: tensor {name} has shape {list(t.shape)}, the architecture "
+                                f"of config.json and the manifest's slots needs {list(shapes[name])}")
+    for alias, canonical in sorted(aliases.items()):
+        if tensors[canonical].shape != shapes[alias]:
+            raise ArtifactError(f"{where}: alias {alias} -> {canonical} joins tensors of different shapes")
+    model = _build_architecture(folder, config, dtype, arch, slots, init_empty_weights)
     try:
         model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{folder / EMULATOR_FILE}: {exc}") from exc
+        raise ArtifactError(f"{folder / EMULATOR_FILE}: {_why(exc)}") from exc
     for alias, canonical in aliases.items():
         owner_name, _, attr = alias.rpartition(".")
         c_owner, _, c_attr = canonical.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, getattr(model.get_submodule(c_owner), c_attr))
     model.to(device).eval()
     return Emulator(model, manifest)
+
+
+def load_emulator_tokenizer(folder: str | os.PathLike):
+    """The tokenizer shipped in an emulator directory (its files are hash-checked first)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, "emulator")
+    if "tokenizer_config.json" not in manifest["files"]:
+        raise ArtifactError(f"{folder}: the emulator ships no tokenizer (saved without one)")
+    for name, entry in manifest["files"].items():
+        if name != EMULATOR_FILE:
+            _check_hash(folder, name, entry)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder}: cannot load the shipped tokenizer ({_why(exc)})") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +500,7 @@ def plug_in(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         k, bottom, top = int(adapter["k"]), list(adapter["bottom"]), list(adapter["top"])
         base = manifest["base"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{where}: malformed 'adapter' or 'base' entry ({exc})") from exc
+        raise ArtifactError(f"{where}: malformed 'adapter' or 'base' entry ({_why(exc)})") from exc
     except UnsupportedModelError as exc:
         raise ArtifactError(str(exc)) from exc
     if manifest.get("model_type") != model.config.model_type:

@@ -116,7 +116,7 @@ def cmd_compress(args) -> int:
     emulator = compress(model, tok, args)
     t_compress = time.perf_counter() - t0
     emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
-    save_emulator(emulator, args.out, overwrite=args.overwrite)
+    save_emulator(emulator, args.out, overwrite=args.overwrite, tokenizer=tok)
     size = emulator.manifest["size"]
     print(f"emulator written to {args.out}: method {args.method}, kept {size['keep_achieved']:.3f} of the middle block "
           f"({size['middle_params_kept']:,} of {size['middle_params_original']:,} parameters); "

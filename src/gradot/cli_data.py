@@ -1,0 +1,158 @@
+"""``gradot finetune``, ``gradot eval`` and ``gradot pipeline``: the data owner's side and the scoreboard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _tasks(value: str) -> list[str]:
+    from .lmeval_tasks import EVAL_TASKS
+
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [t for t in names if t not in EVAL_TASKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or value!r}; known: {', '.join(EVAL_TASKS)}")
+    return names
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--epochs", type=float, default=1.0, help="training epochs")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
+    g.add_argument("--train-batch-size", type=int, default=8, help="examples per step")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: per-task default)")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the adapter layers (0: train them fully)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def add_commands(sub) -> None:
+    from .cli import _add_calibration, _add_model, _keep, _positive_int
+    from .methods import METHODS, add_method_arguments
+
+    p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
+    p.add_argument("--emulator", required=True, help="emulator directory from the model owner")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="one of the eight offsite-tuning tasks (train split)")
+    src.add_argument("--data", help="your own data: .txt, JSONL with 'text', or Alpaca-style instruction JSON")
+    p.add_argument("--data-dir", default=None, help="folder with the task files (default: the shared data)")
+    p.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
+    p.add_argument("--out", required=True, help="adapter output directory (returned to the model owner)")
+    p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: OUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _training_arguments(p)
+    p.set_defaults(handler=cmd_finetune)
+
+    p = sub.add_parser("eval", help="evaluate a model, an emulator, or a model with an adapter plugged in")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="'default', a local model folder, or a .gguf file")
+    target.add_argument("--emulator", help="emulator directory")
+    p.add_argument("--adapter", default=None, help="adapter directory to plug in first (into --model or --emulator)")
+    p.add_argument("--tasks", type=_tasks, required=True, help="comma-separated tasks (and 'wikitext' for perplexity)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="examples per task (default: the whole validation set)")
+    p.add_argument("--data-dir", default=None, help="folder with the task files")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("pipeline", help="the whole protocol per task: Full ZS/FT, Emu ZS/FT, Plug-in, Δ")
+    _add_model(p)
+    p.add_argument("--method", default="uniform",
+                   help=f"emulator method(s), comma-separated, from: {', '.join(sorted(METHODS))}")
+    p.add_argument("--tasks", type=_tasks, default=["piqa"], help="comma-separated tasks")
+    p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep")
+    p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
+    p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="validation examples per task (default: all)")
+    p.add_argument("--train-limit", type=_positive_int, default=1000, help="training rows per task")
+    p.add_argument("--data-dir", default=None, help="folder with the task files")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8)
+    p.add_argument("--out", default="runs/pipeline", help="output folder (cells are cached here; rerun to resume)")
+    _training_arguments(p)
+    _add_calibration(p)
+    add_method_arguments(p)
+    p.set_defaults(handler=cmd_pipeline)
+
+
+def _records(args):
+    from .corpora import load_corpus
+    from .finetune import task_records
+    from .tasks import load_task
+
+    if args.task:
+        return task_records(load_task(args.task, "train", data_dir=args.data_dir, limit=args.train_limit))
+    records = load_corpus(args.data, limit=args.train_limit)
+    return [r if isinstance(r, str) else (r.prompt, r.continuation()) for r in records]
+
+
+def cmd_finetune(args) -> int:
+    from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
+    from .finetune import FinetuneConfig, finetune_adapter
+
+    emulator = load_emulator(args.emulator)
+    tok = load_emulator_tokenizer(args.emulator)
+    cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
+                         learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                         batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume)
+    emulator, stats = finetune_adapter(emulator, tok, _records(args), cfg)
+    save_adapter(emulator, args.out, training={k: v for k, v in stats.items() if k != "loss_history"},
+                 overwrite=args.overwrite)
+    print(f"adapter written to {args.out}: {stats['steps']} steps, final loss {stats['train_loss']:.4f}, "
+          f"{stats['seconds_per_step']:.2f} s/step, {stats['tokens_per_second']:.0f} tokens/s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .artifacts import load_emulator, load_emulator_tokenizer, plug_in
+    from .lmeval_tasks import evaluate
+    from .modeling import load_model
+    from .pipeline import plug_adapter_into_emulator
+
+    if args.emulator:
+        emulator = load_emulator(args.emulator)
+        tok = load_emulator_tokenizer(args.emulator)
+        if args.adapter:
+            plug_adapter_into_emulator(emulator, Path(args.adapter))
+        model = emulator.model
+    else:
+        model, tok = load_model(args.model)
+        if args.adapter:
+            plug_in(model, args.adapter)
+    results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.eval_batch_size)
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .methods import METHODS
+    from .modeling import load_model
+    from .pipeline import Pipeline, PipelineConfig
+    from .cli import UsageError
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
+    compress_keys = ("adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn",
+                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing")
+    cfg = PipelineConfig(
+        model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
+        limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
+        lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir,
+        compress_args={k: getattr(args, k) for k in compress_keys},
+        command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    model, tok = load_model(args.model)
+    info = Pipeline(cfg, model, tok).run()
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {args.out}/results.md, results.json, results.png")
+    return 0 if info else 1

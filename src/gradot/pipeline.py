@@ -1,0 +1,261 @@
+"""The whole protocol on real tasks, in the published table layout.
+
+Per method: compress once. Per task: Full ZS, Emu ZS, Emu FT (adapter fine-tuned on the emulator),
+Plug-in (that adapter in the original model), and with ``full_ft`` the Full FT upper bound. Every
+finished cell (an evaluation, a fine-tuned adapter) is cached under the output folder, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import load_emulator, plug_in, save_adapter, save_emulator
+from .finetune import FinetuneConfig, finetune_adapter, finetune_full, task_records
+from .lmeval_tasks import evaluate
+from .registry import decoder_layers
+from .split import Split, adapter_state_dict
+from .tasks import load_task
+
+log = logging.getLogger(__name__)
+
+ROWS = ("Full ZS", "Full FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
+
+
+@dataclass
+class PipelineConfig:
+    model: str
+    methods: list[str]
+    tasks: list[str]
+    keep: float
+    out: str
+    full_ft: bool = False
+    limit: int | None = None  # validation examples per task (None: all)
+    train_limit: int | None = 1000  # training rows per task (None: all)
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    learning_rate: float | None = None
+    lora_r: int = 0
+    seed: int = 0
+    data_dir: str | None = None
+    compress_args: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+
+def _metric(result: dict[str, float]) -> tuple[str, float, float]:
+    """The table's metric for a task: accuracy for multiple choice, exact match for WebQuestions."""
+    for name in ("acc", "exact_match"):
+        if name in result:
+            return name, result[name], result.get(f"{name}_stderr", float("nan"))
+    raise KeyError(f"no accuracy metric in {sorted(result)}")
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, model, tokenizer):
+        self.cfg, self.model, self.tok = cfg, model, tokenizer
+        self.out = Path(cfg.out)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        # Plug-in only ever writes the adapter layers: remember them to restore the original after.
+        split = Split(len(decoder_layers(model)), cfg.compress_args.get("adapter_layers", 2))
+        self.original_adapter = {k: v.detach().clone() for k, v in adapter_state_dict(model, split.adapter).items()}
+        self.split = split
+
+    # -- caching ------------------------------------------------------------------------------
+    def _cell(self, key: str, compute):
+        path = self.out / "cells" / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        value = compute()
+        value["seconds"] = round(time.perf_counter() - t0, 1)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        tmp.replace(path)  # atomic: a kill never leaves half a cell
+        return value
+
+    def _evaluate(self, model, task: str) -> dict:
+        t0 = time.perf_counter()
+        result = evaluate(model, self.tok, [task], data_dir=self.cfg.data_dir, limit=self.cfg.limit,
+                          batch_size=self.cfg.eval_batch_size)[task]
+        n = result.get("n") or 1
+        result["seconds_per_example"] = (time.perf_counter() - t0) / n
+        return result
+
+    def _restore_original(self):
+        own = adapter_state_dict(self.model, self.split.adapter)
+        with torch.no_grad():
+            for name, t in self.original_adapter.items():
+                own[name].copy_(t)
+
+    def _ft_config(self, folder: Path, task: str) -> FinetuneConfig:
+        c = self.cfg
+        return FinetuneConfig(output_dir=str(folder), task=task, learning_rate=c.learning_rate, epochs=c.epochs,
+                              max_steps=c.max_steps, batch_size=c.batch_size, seed=c.seed, lora_r=c.lora_r,
+                              resume=True, save_steps=50, logging_steps=10)
+
+    def _records(self, task: str):
+        return task_records(load_task(task, "train", data_dir=self.cfg.data_dir, limit=self.cfg.train_limit))
+
+    # -- steps --------------------------------------------------------------------------------
+    def emulator(self, method: str):
+        folder = self.out / "emulators" / f"{method}-keep{self.cfg.keep}"
+        if not (folder / "manifest.json").exists():
+            from argparse import Namespace
+
+            from .methods import compress
+
+            args = Namespace(method=method, keep=self.cfg.keep, **self.cfg.compress_args)
+            save_emulator(compress(self.model, self.tok, args), folder, overwrite=True, tokenizer=self.tok)
+        return folder
+
+    def run(self) -> dict:
+        c = self.cfg
+        cells: dict[str, dict[str, dict]] = {}
+        for task in c.tasks:
+            cells.setdefault("Full ZS", {})[task] = self._cell(f"full_zs-{task}", lambda: self._evaluate(self.model, task))
+            if c.full_ft:
+                cells.setdefault("Full FT", {})[task] = self._cell(f"full_ft-{task}", lambda: self._full_ft(task))
+        for method in c.methods:
+            emu_dir = self.emulator(method)
+            for task in c.tasks:
+                row = lambda name: cells.setdefault(f"{method}: {name}", {})  # noqa: E731
+                row("Emu ZS")[task] = self._cell(f"{method}-emu_zs-{task}",
+                                                 lambda: self._evaluate(load_emulator(emu_dir).model, task))
+                adapter_dir = self.out / "adapters" / f"{method}-keep{c.keep}-{task}"
+                row("Emu FT")[task] = self._cell(f"{method}-emu_ft-{task}", lambda: self._emu_ft(emu_dir, adapter_dir, task))
+                row("Plug-in")[task] = self._cell(f"{method}-plugin-{task}", lambda: self._plugin(adapter_dir, task))
+        return self.report(cells)
+
+    def _emu_ft(self, emu_dir: Path, adapter_dir: Path, task: str) -> dict:
+        emulator = load_emulator(emu_dir)
+        if not (adapter_dir / "manifest.json").exists():
+            cfg = self._ft_config(self.out / "checkpoints" / adapter_dir.name, task)
+            emulator, stats = finetune_adapter(emulator, self.tok, self._records(task), cfg)
+            save_adapter(emulator, adapter_dir, training={k: v for k, v in stats.items() if k != "loss_history"},
+                         overwrite=True)
+        else:  # the adapter survived an interruption: evaluate it without retraining
+            plug_adapter_into_emulator(emulator, adapter_dir)
+        result = self._evaluate(emulator.model, task)
+        result["training"] = json.loads((adapter_dir / "manifest.json").read_text())["training"]
+        return result
+
+    def _plugin(self, adapter_dir: Path, task: str) -> dict:
+        try:
+            plug_in(self.model, adapter_dir)
+            return self._evaluate(self.model, task)
+        finally:
+            self._restore_original()
+
+    def _full_ft(self, task: str) -> dict:
+        model = copy.deepcopy(self.model)
+        cfg = self._ft_config(self.out / "checkpoints" / f"full-{task}", task)
+        model, stats = finetune_full(model, self.tok, self._records(task), cfg)
+        result = self._evaluate(model, task)
+        result["training"] = {k: v for k, v in stats.items() if k != "loss_history"}
+        del model
+        return result
+
+    # -- report -------------------------------------------------------------------------------
+    def report(self, cells: dict[str, dict[str, dict]]) -> dict:
+        c = self.cfg
+        table: dict[str, dict[str, tuple[float, float]]] = {}
+        for row, per_task in cells.items():
+            table[row] = {t: _metric(r)[1:] for t, r in per_task.items()}
+        for method in c.methods:
+            ft, pl = table.get(f"{method}: Emu FT", {}), table.get(f"{method}: Plug-in", {})
+            table[f"{method}: Δ"] = {
+                t: (pl[t][0] - ft[t][0], math.hypot(pl[t][1], ft[t][1])) for t in c.tasks if t in ft and t in pl
+            }
+        for row in table.values():
+            if len(row) == len(c.tasks):
+                row["avg"] = (sum(v[0] for v in row.values()) / len(c.tasks),
+                              math.sqrt(sum(v[1] ** 2 for v in row.values())) / len(c.tasks))
+        info = {
+            "command": c.command,
+            "git_commit": _git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "config": asdict(c),
+            "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
+            "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
+            "cells": cells,
+        }
+        (self.out / "results.json").write_text(json.dumps(info, indent=1))
+        (self.out / "results.md").write_text(markdown_table(info, c.tasks))
+        plot(table, c, self.out / "results.png")
+        return info
+
+
+def plug_adapter_into_emulator(emulator, adapter_dir: Path) -> None:
+    """Load a saved adapter back into its emulator (resume path), checking it as plug-in does."""
+    from .artifacts import ADAPTER_FILE, read_manifest, read_tensors
+    manifest = read_manifest(adapter_dir, "adapter")
+    if manifest["base"]["fingerprint"] != emulator.manifest["base"]["fingerprint"]:
+        raise ValueError(f"{adapter_dir}: adapter was trained for another base model")
+    tensors = read_tensors(Path(adapter_dir), ADAPTER_FILE, manifest["files"][ADAPTER_FILE])
+    own = adapter_state_dict(emulator.model, emulator.adapter_sources, emulator.adapter_positions)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(info: dict, tasks: list[str]) -> str:
+    cols = tasks + ["avg"]
+    lines = [
+        "# Offsite-tuning results", "",
+        f"Command: `{info['command']}`  ",
+        f"Commit {info['git_commit']}; {info['date']}; {info['machine']}  ",
+        f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
+        "| row | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for row, values in info["table"].items():
+        cells = [f"{100 * values[c][0]:.1f} ± {100 * values[c][1]:.1f}" if c in values else "–" for c in cols]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, cfg: PipelineConfig, path: Path) -> None:
+    """Per-task bars of Emu ZS / Emu FT / Plug-in (per method) next to Full ZS / Full FT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if not r.endswith("Δ")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cfg.tasks) * max(1, len(rows)) / 4), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        xs = [t + i * width for t in range(len(cfg.tasks))]
+        ys = [100 * table[row].get(task, (float("nan"), 0))[0] for task in cfg.tasks]
+        es = [100 * table[row].get(task, (0, 0))[1] for task in cfg.tasks]
+        ax.bar(xs, ys, width, yerr=es, label=row, capsize=2)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(cfg.tasks))], cfg.tasks)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{cfg.model}, keep {cfg.keep}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

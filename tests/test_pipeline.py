@@ -1,0 +1,62 @@
+"""The data owner's commands and the pipeline on a tiny model folder, end to end."""
+
+import json
+
+import pytest
+
+from gradot.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pipeline", "--model", tiny_model_dir, "--method", "uniform,crash", "--tasks", "piqa,arc_easy",
+            "--keep", "0.5", "--limit", "4", "--train-limit", "8", "--max-steps", "2", "--train-batch-size", "4",
+            "--full-ft", "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16", "--out", out]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    table = (out / "results.md").read_text()
+    for row in ("Full ZS", "Full FT", "uniform: Emu ZS", "uniform: Emu FT", "uniform: Plug-in", "uniform: Δ",
+                "crash: Plug-in"):
+        assert f"| {row} |" in table
+    info = json.loads((out / "results.json").read_text())
+    assert info["cells"]["Full ZS"]["piqa"]["n"] == 4
+    assert 0 <= info["table"]["uniform: Plug-in"]["avg"][0] <= 1
+    assert (out / "results.png").stat().st_size > 1000
+    assert (out / "adapters" / "uniform-keep0.5-piqa" / "adapter.safetensors").exists()
+    # Resume: a killed run loses at most its unfinished cell; finished cells are not recomputed.
+    (out / "cells" / "uniform-plugin-arc_easy.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    assert "uniform-plugin-arc_easy.json" in after
+    assert all(after[name] == t for name, t in before.items())
+
+
+def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
+    emu = tmp_path / "emu"
+    assert run(capsys, "compress", "--model", tiny_model_dir, "--keep", "0.5", "--out", emu)[0] == 0
+    code, out, err = run(capsys, "finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8",
+                         "--max-steps", "2", "--train-batch-size", "4", "--out", tmp_path / "adapter")
+    assert code == 0, err
+    assert "adapter written to" in out and "s/step" in out
+    code, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--adapter", tmp_path / "adapter",
+                         "--tasks", "sciq", "--limit", "3", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["sciq"]["n"] == 3
+    code, out, err = run(capsys, "eval", "--emulator", emu, "--tasks", "sciq", "--limit", "3")
+    assert code == 0, err and "sciq: acc" in out
+
+
+def test_pipeline_rejects_unknown_task_and_method(capsys):
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--tasks", "piqa,nosuchtask"])
+    assert "unknown task" in capsys.readouterr().err
+    code, _, err = run(capsys, "pipeline", "--method", "magic", "--tasks", "piqa")
+    assert code == 2 and "unknown method" in err
