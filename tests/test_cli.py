@@ -1,5 +1,7 @@
 """The command line on a tiny local model folder: compress, info, plugin, and clean errors."""
 
+import re
+
 import pytest
 
 from gradot.cli import main
@@ -11,15 +13,21 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("method", ["uniform", "crash"])
-def test_compress_info_plugin(method, tiny_model_dir, calib_file, tmp_path, capsys):
+@pytest.mark.parametrize("method,extra", [
+    ("uniform", []), ("crash", []), ("svd", []), ("wanda", []),
+    ("gradot", ["--allocation", "global-layers", "--lambda-attn", "0.01", "--lambda-mlp", "0.01"]),
+])
+def test_compress_info_plugin(method, extra, tiny_model_dir, calib_file, tmp_path, capsys):
     emu = tmp_path / "emu"
     code, out, err = run(capsys, "compress", "--model", tiny_model_dir, "--method", method, "--keep", "0.5",
-                         "--out", emu, "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16")
+                         "--out", emu, "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16", *extra)
     assert code == 0, err
-    assert "kept 0.500 of the middle block" in out
+    kept = float(re.search(rf"method {method}, kept ([0-9.]+) of the middle block", out).group(1))
+    assert 0.49 <= kept <= 0.5  # within one unit of the budget on a tiny model
     code, out, _ = run(capsys, "info", emu)
     assert code == 0 and f"method: {method}" in out and "adapter: k=2  layers [0, 1] + [4, 5]" in out
+    if method == "gradot":
+        assert "lambda_attn: 0.01" in out and "allocation: global-layers" in out and "calibration" in out
 
     from gradot.artifacts import load_emulator, save_adapter
     save_adapter(load_emulator(emu), tmp_path / "adapter")
