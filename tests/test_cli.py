@@ -16,6 +16,7 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("method,extra", [
     ("uniform", []), ("crash", []), ("svd", []), ("wanda", []),
     ("gradot", ["--allocation", "global-layers", "--lambda-attn", "0.01", "--lambda-mlp", "0.01"]),
+    ("gradot", ["--auto-lambda", "0.9"]),
 ])
 def test_compress_info_plugin(method, extra, tiny_model_dir, calib_file, tmp_path, capsys):
     emu = tmp_path / "emu"
@@ -26,7 +27,9 @@ def test_compress_info_plugin(method, extra, tiny_model_dir, calib_file, tmp_pat
     assert 0.49 <= kept <= 0.5  # within one unit of the budget on a tiny model
     code, out, _ = run(capsys, "info", emu)
     assert code == 0 and f"method: {method}" in out and "adapter: k=2  layers [0, 1] + [4, 5]" in out
-    if method == "gradot":
+    if "--auto-lambda" in extra:
+        assert "auto_lambda: {'threshold': 0.9, 'chosen':" in out
+    elif method == "gradot":
         assert "lambda_attn: 0.01" in out and "allocation: global-layers" in out and "calibration" in out
 
     from gradot.artifacts import load_emulator, save_adapter

@@ -126,3 +126,18 @@ def test_gradot_emulator_save_load_roundtrip(arch, allocation, tokens, tmp_path)
     loaded = load_emulator(tmp_path / "emu")
     assert torch.equal(logits(emu.model, tokens), logits(loaded.model, tokens))
     assert not torch.allclose(logits(model, tokens), logits(emu.model, tokens))
+
+
+def test_auto_lambda_picks_the_largest_lambda_that_keeps_the_proxy(tokens):
+    from gradot.auto_lambda import auto_lambda
+    model = tiny_model("llama", layers=8)
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    cfg = GradOTConfig(keep=0.5, allocation="global")
+    held_out = calib_batches(seed=5)
+    lam, curve = auto_lambda(model, split, f, cfg, held_out, threshold=0.0, grid=(0.01, 1.0))
+    assert lam == 1.0 and [c["lambda"] for c in curve] == [0.0, 0.01, 1.0]
+    assert all(-1 <= c["cosine"] <= 1 for c in curve)
+    lam, curve = auto_lambda(model, split, f, cfg, held_out, threshold=1.0, grid=(0.01, 1.0))
+    base = curve[0]["cosine"]
+    assert lam == max(c["lambda"] for c in curve if c["cosine"] >= base)

@@ -142,7 +142,7 @@ def cmd_pipeline(args) -> int:
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
     compress_keys = ("adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn",
-                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing")
+                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing", "auto_lambda")
     cfg = PipelineConfig(
         model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,

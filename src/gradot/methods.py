@@ -52,6 +52,16 @@ def _gradot_like(selection: str):
             factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
                                    gradient_checkpointing=args.gradient_checkpointing)
             settings["calibration"] = spec.describe()
+        if selection == "gcs" and args.auto_lambda is not None:
+            from dataclasses import replace
+
+            from .auto_lambda import auto_lambda
+
+            # Held-out calibration batches (the last ones) judge the gradient proxy.
+            held_out = batches[-max(1, len(batches) // 4):]
+            lam, curve = auto_lambda(model, split, factors, cfg, held_out, threshold=args.auto_lambda)
+            cfg = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
+            settings["auto_lambda"] = {"threshold": args.auto_lambda, "chosen": lam, "curve": curve}
         emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings)
         if "calibration" in settings:
             emulator.manifest["calibration"] = settings["calibration"]
@@ -82,6 +92,10 @@ def _gradot_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="uniform: same keep ratio in every matrix; global: lowest curvature cost per parameter "
                         "across all components and channels; global-layers: also whole layers")
+    g.add_argument("--auto-lambda", type=float, default=None, metavar="THRESHOLD",
+                   help="choose λ automatically: the largest λ (grid 0.001..1) whose adapter-gradient cosine on "
+                        "held-out calibration text stays >= THRESHOLD x the cosine at λ=0 (e.g. 0.95); "
+                        "overrides --lambda-attn/--lambda-mlp")
     g.add_argument("--top-frac", type=float, default=0.05,
                    help="share of singular components kept unconditionally by singular value")
     g.add_argument("--gradient-checkpointing", action="store_true",

@@ -1,0 +1,40 @@
+"""Automatic λ (beyond the paper): the most privacy the utility proxy allows.
+
+Sweeps λ (attention and MLP together) over a log-spaced grid and keeps the largest λ whose emulator
+still gives the adapter a gradient close to the original's: its mean adapter-gradient cosine on
+held-out calibration text is at least ``threshold`` times the cosine at λ = 0 (curvature only).
+A relative threshold is used because the absolute cosine depends on the budget. The model owner
+needs no task data for this: calibration text is what it already has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .gradot_method import GradOTConfig, gradot_emulator
+from .proxy import adapter_gradients, cosines, mean_and_stderr
+from .split import Split
+
+DEFAULT_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def auto_lambda(model, split: Split, factors: dict, cfg: GradOTConfig, batches, threshold: float = 0.95,
+                grid=DEFAULT_GRID) -> tuple[float, list[dict]]:
+    """Return ``(λ, curve)``; ``curve`` lists ``{"lambda", "cosine", "stderr"}`` for every λ tried.
+
+    ``batches`` are token-id tensors of held-out calibration text (loss on every token).
+    """
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    batches = [{"input_ids": b, "labels": b} for b in batches]
+    reference = adapter_gradients(model, split.adapter, batches, desc="auto-λ: original gradients")
+    curve = []
+    for lam in (0.0, *sorted(grid)):
+        emu = gradot_emulator(model, split, replace(cfg, lambda_attn=lam, lambda_mlp=lam), factors)
+        grads = adapter_gradients(emu.model, emu.adapter_positions, batches, desc=f"auto-λ: λ={lam}")
+        mean, se = mean_and_stderr(cosines(reference, grads))
+        curve.append({"lambda": lam, "cosine": mean, "stderr": se})
+        del emu
+    base = curve[0]["cosine"]
+    passing = [c["lambda"] for c in curve if c["cosine"] >= threshold * base]
+    return max(passing, default=0.0), curve
