@@ -18,25 +18,12 @@ from .registry import decoder_layers
 
 
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 256) -> dict[str, torch.Tensor]:
-    """Tokenize (prompt, continuation) pairs as the harness does (separately, then joined), prompt
-    truncated from the left, right padding; labels only on the continuation's tokens."""
-    rows = []
-    for prompt, cont in pairs:
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        c = tokenizer(cont, add_special_tokens=False).input_ids[:max_length - 1]
-        p = p[-(max_length - len(c)):] if len(p) + len(c) > max_length else p
-        rows.append((p, c))
-    width = max(len(p) + len(c) for p, c in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c)
-        labels[i, len(p):n] = torch.tensor(c)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """One padded batch of (prompt, continuation) pairs, tokenized exactly as for fine-tuning
+    (the harness's encoding; labels only on the continuation)."""
+    from .finetune import CausalLMCollator, FinetuneDataset, pad_token_id
+
+    dataset = FinetuneDataset(tokenizer, pairs, max_length)
+    return CausalLMCollator(pad_token_id(tokenizer))([dataset[i] for i in range(len(dataset))])
 
 
 def _adapter_params(model: nn.Module, positions: Sequence[int]) -> list[nn.Parameter]:
