@@ -448,13 +448,25 @@ def load_emulator_tokenizer(folder: str | os.PathLike):
     manifest = read_manifest(folder, "emulator")
     if "tokenizer_config.json" not in manifest["files"]:
         raise ArtifactError(f"{folder}: the emulator ships no tokenizer (saved without one)")
-    for name, entry in manifest["files"].items():
-        if name != EMULATOR_FILE:
-            _check_hash(folder, name, entry)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{folder}: cannot load the shipped tokenizer ({_why(exc)})") from exc
+    # transformers reads whatever tokenizer files sit in the folder (added tokens, chat templates),
+    # listed or not: load from a private copy of the listed files, hash-checked after copying.
+    with tempfile.TemporaryDirectory(prefix="gradot-tokenizer-") as tmp:
+        for name, entry in manifest["files"].items():
+            if name != EMULATOR_FILE:
+                shutil.copyfile(_check_hash(folder, name, entry), Path(tmp) / name)
+                try:
+                    _check_hash(Path(tmp), name, entry)
+                except ArtifactError as exc:
+                    raise ArtifactError(f"{folder / name}: changed while being read") from exc
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            tok("The offsite-tuning protocol.")  # a field of the wrong type may only fail on first use
+        except Exception as exc:  # noqa: BLE001
+            # The one place the sender's tokenizer files meet third-party parsers, and the tokenizers
+            # library reports a malformed tokenizer.json as a bare Exception (TypeError, KeyError,
+            # AttributeError come from transformers on wrongly typed fields).
+            raise ArtifactError(f"{folder}: cannot load the shipped tokenizer ({_why(exc)})") from exc
+    tok.name_or_path = str(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,0 +1,883 @@
+"""Trust between the two owners: every artifact one party receives from the other is checked before
+use, every refusal is one clear line naming the file, nothing is ever unpickled, a failed command
+leaves the disk as it was, and bad command-line input gets exit code 2 and one line.
+
+The fuzz test corrupts manifests, safetensors files and configs at random (seeded and bounded:
+``GRADOT_FUZZ_CASES`` cases, default 150, each with a time limit) and requires an ``ArtifactError``
+every time (or, for the few corruptions that leave the artifact valid, a usable result), never
+another exception type and never a hang.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model, tiny_tokenizer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gradot import artifacts
+from gradot.artifacts import (ArtifactError, load_emulator, load_emulator_tokenizer, plug_in, save_adapter,
+                              save_emulator, sha256_file)
+from gradot.baselines import uniform_emulator
+from gradot.cli import main
+from gradot.gradot_method import GradOTConfig, gradot_emulator
+from gradot.split import split_model
+
+LAYERS = 8
+EMU, ADA, CFG, MAN = "emulator.safetensors", "adapter.safetensors", "config.json", "manifest.json"
+
+
+def shared_emulator(model, split, clusters):
+    """A CRaSh emulator for given clusters (list of (members, representative)), without the CKA pass."""
+    from gradot.emulator import assemble
+    from gradot.registry import decoder_layers
+
+    layers = decoder_layers(model)
+    middle, sources, shares = [], [], []
+    for members, rep in clusters:
+        owner = len(middle)
+        for j, _ in enumerate(members):
+            middle.append(copy.deepcopy(layers[rep]) if j == 0 else None)
+            sources.append(rep)
+            shares.append(None if j == 0 else owner)
+    return assemble(model, split, middle, sources, shares, method="crash", keep=0.5)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The original model and pristine artifacts: uniform (with tokenizer), CRaSh-style (shared layers,
+    aliases), SVD (low-rank linears, pruned MLPs) emulators and an adapter."""
+    root = tmp_path_factory.mktemp("shipped")
+    model = tiny_model("llama", layers=LAYERS)
+    split = split_model(model, 2)
+    emus = {
+        "uniform": uniform_emulator(model, split, 0.5),
+        "crash": shared_emulator(model, split, [([2, 3], 3), ([4, 5], 4)]),
+        "svd": gradot_emulator(model, split, GradOTConfig(keep=0.5, selection="svd"), None, method="svd"),
+    }
+    dirs = {}
+    for name, emu in emus.items():
+        save_emulator(emu, root / name, tokenizer=tiny_tokenizer() if name == "uniform" else None)
+        dirs[name] = root / name
+    save_adapter(emus["uniform"], root / "adapter")
+    dirs["adapter"] = root / "adapter"
+    return model, dirs
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MAN).read_text())
+
+
+def write_manifest(folder: Path, manifest) -> None:
+    (folder / MAN).write_text(json.dumps(manifest))
+
+
+def rehash(folder: Path, name: str) -> None:
+    m = read_manifest(folder)
+    m["files"][name]["sha256"] = sha256_file(folder / name)
+    write_manifest(folder, m)
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def read_st(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def header(data: bytes) -> tuple[int, dict]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return n, json.loads(data[8 : 8 + n])
+
+
+def load(model, kind: str, folder: Path):
+    """What the receiving party does with an artifact of ``kind``."""
+    if kind == "adapter":
+        return plug_in(copy.deepcopy(model), folder)
+    return load_emulator(folder)
+
+
+def assert_clean(exc: ArtifactError, folder: Path) -> None:
+    message = str(exc)
+    assert "\n" not in message, message
+    assert str(folder) in message, f"message does not name the artifact: {message}"
+
+
+class CaseTimeout(BaseException):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    def expire(signum, frame):
+        raise CaseTimeout(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------------- fuzz
+#
+# Every corruption returns (description, must_refuse). must_refuse=False marks the few corruptions
+# that may leave a valid artifact (a changed informational field, a flipped weight with the hash
+# updated): those must then load and run, or be refused cleanly.
+
+INFORMATIONAL = (("settings",), ("calibration",), ("training",), ("emulator",), ("base", "name_or_path"))
+
+
+def all_paths(obj, prefix=()):
+    if isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, list):
+        items = list(enumerate(obj))
+    else:
+        return
+    for key, value in items:
+        yield prefix + (key,)
+        yield from all_paths(value, prefix + (key,))
+
+
+def get_at(obj, path):
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def structural(path) -> bool:
+    return not any(path[: len(p)] == p for p in INFORMATIONAL)
+
+
+def wrong_type(value, rng):
+    if isinstance(value, bool):
+        options = ["true", [value], {"v": value}]
+    elif isinstance(value, int):
+        options = [str(value), value + 0.5, [value], {"v": value}, True]
+    elif isinstance(value, float):
+        options = [str(value), [value], {"v": value}, True, None]
+    elif isinstance(value, str):
+        options = [7, [value], {"v": value}, None, True]
+    elif isinstance(value, list):
+        options = ["x", 7, {"v": 1}, None]
+    elif isinstance(value, dict):
+        options = ["x", 7, [1], None]
+    else:  # None
+        options = ["x", [], {"v": 1}, 1.5, True]
+    return rng.choice(options)
+
+
+def required_paths(m: dict, kind: str, rng) -> list[tuple]:
+    main_file = ADA if kind == "adapter" else EMU
+    paths = [("format",), ("format_version",), ("files",), ("files", main_file), ("files", main_file, "sha256"),
+             ("files", main_file, "tensors"), ("model_type",), ("base",), ("base", "num_layers"),
+             ("base", "fingerprint"), ("adapter",), ("adapter", "k"), ("adapter", "bottom"), ("adapter", "top")]
+    if kind != "adapter":
+        i = rng.randrange(len(m["slots"]))
+        paths += [("files", CFG), ("method",), ("keep_requested",), ("size",), ("slots",), ("slots", i, "source"),
+                  ("slots", i, "role"), ("files", CFG, "sha256")]
+        paths += [("size", f) for f in ("middle_params_original", "middle_params_kept", "emulator_depth", "keep_achieved",
+                                        "emulator_params")]
+    return paths
+
+
+def corrupt_manifest(folder: Path, kind: str, rng) -> tuple[str, bool]:
+    m = read_manifest(folder)
+    family = rng.choice(["delete", "type", "huge", "ranks", "shares", "traversal", "version", "garbage", "free",
+                         "type", "delete"])
+    if family == "ranks" and kind != "svd":
+        family = "type"
+    if family == "shares" and kind == "adapter":
+        family = "huge"
+    must = True
+    if family == "delete":
+        path = rng.choice(required_paths(m, kind, rng))
+        del get_at(m, path[:-1])[path[-1]]
+        desc = f"delete {path}"
+    elif family == "type":
+        path = rng.choice([p for p in all_paths(m) if structural(p)])
+        parent = get_at(m, path[:-1])
+        parent[path[-1]] = value = wrong_type(parent[path[-1]], rng)
+        desc = f"{path} = {value!r}"
+    elif family == "huge":
+        numeric = [p for p in all_paths(m) if structural(p) and type(get_at(m, p)) in (int, float)]
+        path = rng.choice(numeric)
+        value = rng.choice([10**30, 2**63, 2**64 + 1, 1e308, -(10**30), -1, 10**6])
+        if path == ("size", "emulator_params") and value > 0:  # an informational count: any size is valid
+            value = -1
+        get_at(m, path[:-1])[path[-1]] = value
+        desc = f"{path} = {value!r}"
+    elif family == "ranks":
+        slot = rng.choice([s for s in m["slots"] if s["ranks"]])
+        name = rng.choice(sorted(slot["ranks"]))
+        slot["ranks"][name] = value = rng.choice([-5, -1, 0, 10**30, 10**6])
+        desc = f"rank of {name} = {value}"
+    elif family == "shares":
+        n = len(m["slots"])
+        pos = rng.randrange(2, n - 2)
+        target = rng.choice([pos, rng.randrange(pos, n), 0, n - 1, n + 3, -1])
+        m["slots"][pos]["shares"] = target
+        desc = f"slots[{pos}].shares = {target}"
+    elif family == "traversal":
+        name = rng.choice(["../" + EMU, "/etc/passwd", "../../x", "sub/" + CFG, "..", ".", "", "a\x00b", "./" + MAN,
+                           "~/.ssh/id_rsa", "/" + EMU])
+        main_file = ADA if kind == "adapter" else EMU
+        if rng.random() < 0.5:
+            m["files"][name] = m["files"].pop(main_file)
+        else:
+            m["files"][name] = {"sha256": "0" * 64}
+        desc = f"file name {name!r}"
+    elif family == "version":
+        m["format_version"] = value = rng.choice([0, 2, -1, "1", 1.0, True, None, [1], 10**30])
+        desc = f"format_version = {value!r}"
+    elif family == "garbage":
+        text = json.dumps(m)
+        choice = rng.choice(["random", "truncated", "array", "null", "string", "deep", "utf8", "empty", "nan"])
+        data = {
+            "random": bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))),
+            "truncated": text[: rng.randrange(1, len(text))].encode(),
+            "array": b"[]", "null": b"null", "string": b'"gradot"', "deep": b"[" * 200_000,
+            "utf8": b'{"format": "\xff\xfe"}', "empty": b"",
+            "nan": text.replace('"format_version": 1', '"format_version": NaN').encode(),
+        }[choice]
+        (folder / MAN).write_bytes(data)
+        return f"garbage manifest ({choice})", True
+    else:  # free: anything anywhere, valid-looking values included
+        path = rng.choice(list(all_paths(m)))
+        parent = get_at(m, path[:-1])
+        if rng.random() < 0.3 and isinstance(parent, dict):
+            del parent[path[-1]]
+            desc = f"free: delete {path}"
+        else:
+            parent[path[-1]] = value = rng.choice([None, 0, 1, -1, 2, "x", "llama", [], {}, [0, 1], 0.5, 10**9])
+            desc = f"free: {path} = {value!r}"
+        must = False
+    write_manifest(folder, m)
+    return f"manifest {family}: {desc}", must
+
+
+def corrupt_safetensors(folder: Path, name: str, rng) -> tuple[str, bool]:
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    n, head = header(bytes(data))
+    family = rng.choice(["length", "header", "truncate", "append", "edit", "nan", "body", "pickle"])
+    must = True
+    if family == "length":
+        i = rng.randrange(8)
+        data[i] ^= rng.randrange(1, 256)
+        desc = f"header length byte {i}"
+    elif family == "header":
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(8, 8 + n)] ^= rng.randrange(1, 256)
+        desc = "header bytes"
+        try:  # a flipped padding space may become other whitespace, or the flip may hit the free-form
+            # metadata: the tensors are then described as before, and only the hash can tell
+            strip = lambda h: {k: v for k, v in h.items() if k != "__metadata__"}  # noqa: E731
+            same = header(bytes(data))[0] == n and strip(header(bytes(data))[1]) == strip(head)
+        except (ValueError, UnicodeDecodeError, struct.error):
+            same = False
+        must = None if same else True
+    elif family == "truncate":
+        cut = rng.randrange(len(data))
+        data = data[:cut]
+        desc = f"truncated at {cut} of {len(path.read_bytes())}"
+    elif family == "append":
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        desc = "junk appended"
+    elif family == "edit":
+        key = rng.choice(sorted(k for k in head if k != "__metadata__"))
+        field = rng.choice(["dtype", "shape", "offsets", "delete", "rename", "add"])
+        if field == "dtype":
+            head[key]["dtype"] = rng.choice(["F16", "I64", "BOOL", "XX", "F8_E4M3", "U8", 5])
+        elif field == "shape":
+            head[key]["shape"] = rng.choice([[], [10**12, 10**12], [-1], [0], ["a"], [2**64], [1, 2, 3]])
+        elif field == "offsets":
+            head[key]["data_offsets"] = rng.choice([[0, 10**15], [5, 3], [-1, 4], [0], None, [0, 2**64]])
+        elif field == "delete":
+            del head[key]
+        elif field == "rename":
+            head[key + ".smuggled"] = head.pop(key)
+        else:
+            head["model.layers.99.mlp.up_proj.weight"] = dict(head[key])
+        raw = json.dumps(head).encode()
+        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :]))
+        desc = f"header edit: {field} of {key}"
+    elif family == "nan":
+        key = rng.choice(sorted(k for k in head if k != "__metadata__" and head[k]["dtype"] == "F32"))
+        start, end = head[key]["data_offsets"]
+        at = 8 + n + start + 4 * rng.randrange((end - start) // 4)
+        data[at : at + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), float("-inf")]))
+        desc = f"non-finite value in {key}"
+    elif family == "body":
+        for _ in range(rng.randint(1, 16)):
+            data[rng.randrange(8 + n, len(data))] ^= rng.randrange(1, 256)
+        desc = "weight bytes flipped"
+        must = None  # decided below: only the hash can tell
+    else:
+        data = bytearray(pickle.dumps({"weights": [1.0, 2.0]}))
+        desc = "replaced by a pickle"
+    path.write_bytes(bytes(data))
+    rehashed = rng.random() < 0.5
+    if rehashed:
+        rehash(folder, name)
+    if must is None:
+        must = not rehashed
+    return f"{name} {family}: {desc}{' (re-hashed)' if rehashed else ''}", must
+
+
+def corrupt_config(folder: Path, rng) -> tuple[str, bool]:
+    config = json.loads((folder / CFG).read_text())
+    choice = rng.choice(["bert", "no model_type", "opt", "heads 0", "kv heads 0", "hidden str", "vocab huge",
+                         "hidden huge", "hidden negative", "layers", "garbage", "array"])
+    updates = {
+        "bert": {"model_type": "bert"}, "opt": {"model_type": "opt"}, "heads 0": {"num_attention_heads": 0},
+        "kv heads 0": {"num_key_value_heads": 0}, "hidden str": {"hidden_size": "x"},
+        "vocab huge": {"vocab_size": 10**12}, "hidden negative": {"hidden_size": -32},
+        "hidden huge": {"hidden_size": 10**12, "num_attention_heads": 1, "num_key_value_heads": 1},
+        "layers": {"num_hidden_layers": config["num_hidden_layers"] + 1},
+    }
+    if choice in updates:
+        config.update(updates[choice])
+        (folder / CFG).write_text(json.dumps(config))
+    elif choice == "no model_type":
+        del config["model_type"]
+        (folder / CFG).write_text(json.dumps(config))
+    else:
+        (folder / CFG).write_bytes(b"\xff{not json" if choice == "garbage" else b"[1, 2]")
+    rehashed = rng.random() < 0.5
+    if rehashed:
+        rehash(folder, CFG)
+    return f"config {choice}{' (re-hashed)' if rehashed else ''}", True
+
+
+def corrupt_tokenizer(folder: Path, rng) -> tuple[str, bool]:
+    """Cut or mutate a shipped tokenizer file; re-hashed, some mutations leave a usable tokenizer."""
+    name = rng.choice(["tokenizer.json", "tokenizer_config.json"])
+    text = (folder / name).read_text()
+    if rng.random() < 0.25:
+        (folder / name).write_text(text[: rng.randrange(len(text))])
+        desc = "truncated"
+    else:
+        obj = json.loads(text)
+        path = rng.choice(list(all_paths(obj)))
+        parent = get_at(obj, path[:-1])
+        if isinstance(parent, dict) and rng.random() < 0.3:
+            del parent[path[-1]]
+            desc = f"delete {path}"
+        else:
+            parent[path[-1]] = value = rng.choice([None, 0, -1, "x", [], {}, 10**30, True, [1, "a"]])
+            desc = f"{path} = {value!r}"
+        (folder / name).write_text(json.dumps(obj))
+    rehashed = rng.random() < 0.5
+    if rehashed:
+        rehash(folder, name)
+    return f"{name} {desc}{' (re-hashed)' if rehashed else ''}", not rehashed
+
+
+FUZZ_CASES = int(os.environ.get("GRADOT_FUZZ_CASES", "150"))
+FUZZ_SEED = int(os.environ.get("GRADOT_FUZZ_SEED", "20251122"))
+
+
+def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsys):
+    model, dirs = shipped
+    rng = random.Random(FUZZ_SEED)
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    failures, refused, loaded = [], 0, 0
+    for case in range(FUZZ_CASES):
+        kind = rng.choice(["uniform", "crash", "svd", "adapter"])
+        folder = copy_of(dirs[kind], tmp_path / f"case{case}")
+        target = rng.choice(["manifest", "manifest", "tensors", "tensors"] + (["config"] if kind != "adapter" else [])
+                            + (["tokenizer"] if kind == "uniform" else []))
+        if target == "manifest":
+            desc, must = corrupt_manifest(folder, kind, rng)
+        elif target == "tensors":
+            desc, must = corrupt_safetensors(folder, ADA if kind == "adapter" else EMU, rng)
+        elif target == "config":
+            desc, must = corrupt_config(folder, rng)
+        else:
+            desc, must = corrupt_tokenizer(folder, rng)
+        label = f"case {case} ({kind}) {desc}"
+        try:
+            with time_limit(20):
+                result = load(model, kind, folder)
+                if kind != "adapter":
+                    with torch.no_grad():
+                        result.model(input_ids=tokens)
+                if kind == "uniform":  # the emulator that ships its tokenizer
+                    load_emulator_tokenizer(folder)("the cat sat on the mat")
+            loaded += 1
+            if must:
+                failures.append(f"{label}: accepted")
+        except ArtifactError as exc:
+            refused += 1
+            if "\n" in str(exc) or str(folder) not in str(exc):
+                failures.append(f"{label}: unclear message {str(exc)!r}")
+        except (Exception, CaseTimeout) as exc:  # noqa: BLE001 - the point is to catch anything else
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
+        if target == "manifest":  # `gradot info` reads the same manifest: 0 or a one-line error
+            code = main(["info", str(folder)])
+            err = capsys.readouterr().err
+            if code not in (0, 2) or (code == 2 and err.count("\n") != 1):
+                failures.append(f"{label}: gradot info exited {code}: {err!r}")
+        shutil.rmtree(folder)
+    print(f"fuzz: {FUZZ_CASES} cases, {refused} refused, {loaded} loaded (corruptions that leave a valid artifact)")
+    assert not failures, f"{len(failures)} of {FUZZ_CASES} cases:\n" + "\n".join(failures[:30])
+    assert refused > FUZZ_CASES * 0.8, (refused, loaded)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def emulator_dir(shipped, tmp_path):
+    return copy_of(shipped[1]["uniform"], tmp_path / "emu")
+
+
+@pytest.fixture
+def adapter_dir(shipped, tmp_path):
+    return copy_of(shipped[1]["adapter"], tmp_path / "adapter")
+
+
+class Evil:
+    """A pickle payload that would leave a mark if anything ever unpickled it."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled!"))
+
+
+def test_pickles_are_never_loaded(shipped, emulator_dir, adapter_dir, tmp_path, monkeypatch):
+    model, _ = shipped
+    evil = Evil()
+    evil.marker = tmp_path / "PWNED"
+    payload = pickle.dumps(evil)
+    for folder in (emulator_dir, adapter_dir):
+        torch.save({"model.layers.0.mlp.up_proj.weight": torch.zeros(2)}, folder / "pytorch_model.bin")
+        for name in ("model.pt", "adapter.bin", "training_args.bin", "optimizer.pt"):
+            (folder / name).write_bytes(payload)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    for target, attr in [(torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")]:
+        monkeypatch.setattr(target, attr, refuse)
+    emu = load_emulator(emulator_dir)  # the pickles next to the artifact are ignored
+    assert emu.model is not None
+    plug_in(copy.deepcopy(model), adapter_dir)
+    # A pickle under the name of the safetensors file (hash updated) is refused, still not unpickled.
+    shutil.copy(emulator_dir / "model.pt", emulator_dir / EMU)
+    rehash(emulator_dir, EMU)
+    with pytest.raises(ArtifactError, match="emulator.safetensors: not a readable safetensors file") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+    shutil.copy(adapter_dir / "adapter.bin", adapter_dir / ADA)
+    rehash(adapter_dir, ADA)
+    with pytest.raises(ArtifactError, match="adapter.safetensors: not a readable safetensors file"):
+        plug_in(copy.deepcopy(model), adapter_dir)
+    # Only a pickle left: the safetensors file is required.
+    (emulator_dir / EMU).unlink()
+    with pytest.raises(ArtifactError, match="emulator.safetensors: missing"):
+        load_emulator(emulator_dir)
+    assert not evil.marker.exists()
+
+
+def test_shipped_tokenizer_reads_only_listed_files(emulator_dir):
+    reference = load_emulator_tokenizer(emulator_dir)("the cat sat").input_ids
+    # Files the manifest does not list are never read, even where transformers would pick them up.
+    (emulator_dir / "added_tokens.json").write_text(json.dumps({"cat": 5000}))
+    (emulator_dir / "chat_template.jinja").write_text("{{ 'injected' }}")
+    tok = load_emulator_tokenizer(emulator_dir)
+    assert tok("the cat sat").input_ids == reference
+    assert not getattr(tok, "chat_template", None)
+    # A listed tokenizer file that was changed is refused.
+    config = json.loads((emulator_dir / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 7
+    (emulator_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="tokenizer_config.json: content hash does not match the manifest"):
+        load_emulator_tokenizer(emulator_dir)
+
+
+def _add_tensor(folder: Path, name: str, key: str, tensor: torch.Tensor, list_it: bool) -> None:
+    tensors = read_st(folder / name)
+    tensors[key] = tensor
+    save_file(tensors, folder / name)
+    rehash(folder, name)
+    if list_it:
+        m = read_manifest(folder)
+        m["files"][name]["tensors"][key] = {"dtype": "float32", "shape": list(tensor.shape)}
+        write_manifest(folder, m)
+
+
+def test_tensors_the_manifest_does_not_list_are_refused(shipped, emulator_dir, adapter_dir):
+    model, _ = shipped
+    _add_tensor(emulator_dir, EMU, "model.layers.9.mlp.up_proj.weight", torch.zeros(64, 32), list_it=False)
+    with pytest.raises(ArtifactError, match=r"emulator.safetensors: tensors not listed in the manifest: "
+                                            r"model.layers.9.mlp.up_proj.weight") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+    # Listed as well: still not part of the emulator's architecture.
+    _add_tensor(emulator_dir, EMU, "model.layers.9.mlp.up_proj.weight", torch.zeros(64, 32), list_it=True)
+    with pytest.raises(ArtifactError, match=r"tensors do not match the emulator architecture: "
+                                            r"\['model.layers.9.mlp.up_proj.weight'\]"):
+        load_emulator(emulator_dir)
+    # An adapter smuggling a middle layer's weights, unlisted.
+    _add_tensor(adapter_dir, ADA, "model.layers.3.mlp.up_proj.weight", torch.zeros(64, 32), list_it=False)
+    with pytest.raises(ArtifactError, match=r"adapter.safetensors: tensors not listed in the manifest: "
+                                            r"model.layers.3.mlp.up_proj.weight") as exc:
+        plug_in(copy.deepcopy(model), adapter_dir)
+    assert_clean(exc.value, adapter_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(shipped, emulator_dir, adapter_dir, value):
+    model, _ = shipped
+    for folder, name, key in [(emulator_dir, EMU, "model.layers.2.mlp.down_proj.weight"),
+                              (adapter_dir, ADA, "model.layers.7.self_attn.q_proj.weight")]:
+        tensors = read_st(folder / name)
+        tensors[key][3, 5] = value
+        save_file(tensors, folder / name)
+        rehash(folder, name)
+        with pytest.raises(ArtifactError, match=f"{name}: tensor {key} contains NaN or Inf") as exc:
+            load(model, "adapter" if name == ADA else "emulator", folder)
+        assert_clean(exc.value, folder)
+
+
+def test_truncated_files_are_refused(shipped, emulator_dir, adapter_dir):
+    model, _ = shipped
+    f = emulator_dir / EMU
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="emulator.safetensors: content hash does not match the manifest"):
+        load_emulator(emulator_dir)
+    rehash(emulator_dir, EMU)  # even with a matching hash, the file itself is incomplete
+    with pytest.raises(ArtifactError, match="emulator.safetensors: not a readable safetensors file"):
+        load_emulator(emulator_dir)
+    f = adapter_dir / ADA
+    f.write_bytes(f.read_bytes()[:7])
+    rehash(adapter_dir, ADA)
+    with pytest.raises(ArtifactError, match="adapter.safetensors: not a readable safetensors file"):
+        plug_in(copy.deepcopy(model), adapter_dir)
+    m = adapter_dir / MAN
+    m.write_text(m.read_text()[:-40])
+    with pytest.raises(ArtifactError, match="manifest.json: not valid JSON") as exc:
+        plug_in(copy.deepcopy(model), adapter_dir)
+    assert_clean(exc.value, adapter_dir)
+
+
+@pytest.mark.parametrize("name", ["../emulator.safetensors", "/etc/passwd", "sub/config.json", "..", "a\x00b",
+                                  "./manifest.json"])
+def test_manifest_naming_paths_outside_its_directory_is_refused(shipped, emulator_dir, adapter_dir, name):
+    model, _ = shipped
+    for folder, main_file in [(emulator_dir, EMU), (adapter_dir, ADA)]:
+        m = read_manifest(folder)
+        m["files"][name] = m["files"].pop(main_file)
+        write_manifest(folder, m)
+        with pytest.raises(ArtifactError, match="points outside the artifact directory") as exc:
+            load(model, "adapter" if main_file == ADA else "emulator", folder)
+        assert_clean(exc.value, folder)
+
+
+def test_symbolic_links_are_refused(shipped, emulator_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(emulator_dir / EMU, outside)
+    (emulator_dir / EMU).symlink_to(outside)  # same bytes, same hash, but it lives outside
+    with pytest.raises(ArtifactError, match="emulator.safetensors: is a symbolic link"):
+        load_emulator(emulator_dir)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", 1.0, True, None])
+def test_wrong_format_version_is_refused(shipped, emulator_dir, adapter_dir, version):
+    model, _ = shipped
+    for folder, kind in [(emulator_dir, "emulator"), (adapter_dir, "adapter")]:
+        m = read_manifest(folder)
+        if version is None:
+            del m["format_version"]
+        else:
+            m["format_version"] = version
+        write_manifest(folder, m)
+        with pytest.raises(ArtifactError, match=rf"format_version {version!r} is not supported \(expected 1\)") as exc:
+            load(model, kind, folder)
+        assert_clean(exc.value, folder)
+
+
+def test_wrong_kind_of_artifact_is_refused(shipped, emulator_dir, adapter_dir):
+    model, _ = shipped
+    with pytest.raises(ArtifactError, match="format is 'gradot-emulator', expected 'gradot-adapter'"):
+        plug_in(copy.deepcopy(model), emulator_dir)
+    with pytest.raises(ArtifactError, match="format is 'gradot-adapter', expected 'gradot-emulator'"):
+        load_emulator(adapter_dir)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (("slots", 3, "shares"), 5, r"'slots\[3\].shares' is 5, expected null or an earlier middle position"),
+    (("slots", 3, "role"), "adapter", r"'slots\[3\].role' is 'adapter', expected 'middle'"),
+    (("slots", 0, "source"), 3, r"'slots\[0\].source' is 3, expected adapter layer 0"),
+    (("adapter", "k"), 4, r"'adapter.k' is 4, expected a positive integer with 2k \+ 1 <= 8 layers"),
+    (("dtype",), "int8", r"'dtype' is 'int8', expected one of float32"),
+    (("size", "keep_achieved"), 0.9, r"'size.keep_achieved' is 0.9, expected middle_params_kept"),
+    (("base", "fingerprint"), "abc", r"'base.fingerprint' is 'abc', expected a sha256 hex digest"),
+])
+def test_inconsistent_manifest_fields_are_refused(emulator_dir, field, value, message):
+    m = read_manifest(emulator_dir)
+    get_at(m, field[:-1])[field[-1]] = value
+    write_manifest(emulator_dir, m)
+    with pytest.raises(ArtifactError, match=message) as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+
+
+def test_config_that_does_not_fit_the_tensors_allocates_nothing(emulator_dir):
+    """A config claiming a huge model is checked against the stored tensors on the meta device."""
+    config = json.loads((emulator_dir / CFG).read_text())
+    config["vocab_size"] = 10**12
+    (emulator_dir / CFG).write_text(json.dumps(config))
+    rehash(emulator_dir, CFG)
+    with pytest.raises(ArtifactError, match=r"tensor model.embed_tokens.weight has shape \[128, 32\], the architecture "
+                                            r"of config.json and the manifest's slots needs \[1000000000000, 32\]"):
+        with time_limit(20):
+            load_emulator(emulator_dir)
+
+
+# --------------------------------------------------------------------------------------------- failed writes
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
+
+
+@pytest.mark.parametrize("interruption", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_a_write_failing_midway_leaves_the_existing_directory_untouched(shipped, emulator_dir, monkeypatch,
+                                                                        interruption):
+    model, _ = shipped
+    before = snapshot(emulator_dir)
+    real_save = artifacts.save_file
+
+    def fail_midway(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half-written ...
+        raise interruption  # ... when the disk fills up or the user presses Ctrl-C
+
+    monkeypatch.setattr(artifacts, "save_file", fail_midway)
+    emu = uniform_emulator(model, split_model(model, 2), 0.25)
+    with pytest.raises(type(interruption)):
+        save_emulator(emu, emulator_dir, overwrite=True)
+    assert snapshot(emulator_dir) == before
+    assert leftovers(emulator_dir) == []
+    load_emulator(emulator_dir)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line(code: int, err: str, message: str) -> None:
+    """Exit code 2 and exactly one line on stderr besides progress bars (which redraw with \\r)."""
+    assert code == 2, err
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line and "it/s]" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("gradot ") and ": error: " in lines[0], err
+    assert message in lines[0], err
+
+
+def test_failed_compress_and_plugin_leave_the_existing_output_untouched(tiny_model_dir, shipped, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "precious.txt").write_text("results of last week")
+    (existing / "sub").mkdir()
+    (existing / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    before = snapshot(existing)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat")
+    code, _, err = run_cli(capsys, "compress", "--model", tiny_model_dir, "--method", "crash", "--calib", short,
+                           "--calib-sequences", "4", "--calib-len", "16", "--out", existing, "--overwrite")
+    assert_one_line(code, err, "calibration text")
+    assert snapshot(existing) == before and leftovers(existing) == []
+    # Plug-in of an adapter trained for another model, over an existing output.
+    code, _, err = run_cli(capsys, "plugin", "--model", tiny_model_dir, "--adapter", shipped[1]["adapter"],
+                           "--out", existing, "--overwrite")
+    assert_one_line(code, err, "adapter holds layers [0, 1, 6, 7], this model's k=2 adapter is layers [0, 1, 4, 5]")
+    assert snapshot(existing) == before and leftovers(existing) == []
+
+
+# --------------------------------------------------------------------------------------------- bad CLI input
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, is_decoder=True)
+    folder = tmp_path / "tiny-bert"
+    BertLMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_unknown_model_and_unsupported_architecture(bert_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", "--model", "no-such-model", "--out", tmp_path / "e")
+    assert_one_line(code, err, "unknown model 'no-such-model'")
+    code, _, err = run_cli(capsys, "compress", "--model", tmp_path / "missing.gguf", "--out", tmp_path / "e")
+    assert_one_line(code, err, "unknown model")
+    (tmp_path / "empty-folder").mkdir()
+    code, _, err = run_cli(capsys, "compress", "--model", tmp_path / "empty-folder", "--out", tmp_path / "e")
+    assert_one_line(code, err, "expected 'default', a local model folder with config.json")
+    code, _, err = run_cli(capsys, "compress", "--model", bert_dir, "--out", tmp_path / "e")
+    assert_one_line(code, err, "unsupported architecture 'bert'")
+    code, _, err = run_cli(capsys, "plugin", "--model", bert_dir, "--adapter", tmp_path, "--out", tmp_path / "p")
+    assert_one_line(code, err, "unsupported architecture 'bert'")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("keep", ["0", "-0.1", "1.0001", "nan", "inf", "abc", ""])
+def test_keep_outside_the_unit_interval(keep, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--keep", keep, "--out", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse prints the usage, then the one-line error
+    assert last.startswith("gradot compress: error: argument --keep: --keep must be"), err
+    assert "Traceback" not in err
+
+
+def test_too_few_layers_for_the_adapter_split(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", "--model", tiny_model_dir, "--adapter-layers", "3",
+                           "--out", tmp_path / "e")
+    assert_one_line(code, err, "model has 6 decoder layers; an adapter of k=3 bottom and top layers needs at least 7")
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--model", str(tiny_model_dir), "--adapter-layers", "0", "--out", str(tmp_path / "e")])
+    assert exc.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("method", ["crash", "gradot"])
+def test_empty_short_missing_or_malformed_calibration_text(method, tiny_model_dir, tmp_path, capsys):
+    cases = {
+        "empty.txt": (" \n\n  \t", "calibration file is empty"),
+        "short.txt": ("the cat sat on the mat", "has 6 tokens; 4 x 16 = 64 needed"),
+        "bad.jsonl": ('{"text": "the cat"}\n{"title": "no text field"}\n', "bad.jsonl:2: expected a JSON object with a 'text' field"),
+        "missing.txt": (None, "calibration file not found"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        code, _, err = run_cli(capsys, "compress", "--model", tiny_model_dir, "--method", method, "--calib", path,
+                               "--calib-sequences", "4", "--calib-len", "16", "--out", tmp_path / "e")
+        assert_one_line(code, err, message)
+    assert not (tmp_path / "e").exists()
+
+
+def test_model_and_adapter_mismatch_at_plugin(tiny_model_dir, shipped, tmp_path, capsys):
+    # An adapter fine-tuned on an emulator of another checkpoint of the same architecture.
+    other = tiny_model("llama", seed=7)
+    emu = uniform_emulator(other, split_model(other, 2), 0.5)
+    save_adapter(emu, tmp_path / "foreign")
+    code, _, err = run_cli(capsys, "plugin", "--model", tiny_model_dir, "--adapter", tmp_path / "foreign",
+                           "--out", tmp_path / "p")
+    assert_one_line(code, err, "base-model fingerprint does not match this model")
+    # An emulator passed where the adapter belongs.
+    code, _, err = run_cli(capsys, "plugin", "--model", tiny_model_dir, "--adapter", shipped[1]["uniform"],
+                           "--out", tmp_path / "p")
+    assert_one_line(code, err, "format is 'gradot-emulator', expected 'gradot-adapter'")
+    # An adapter for another architecture.
+    opt = tiny_model("opt")
+    save_adapter(uniform_emulator(opt, split_model(opt, 2), 0.5), tmp_path / "opt-adapter")
+    code, _, err = run_cli(capsys, "plugin", "--model", tiny_model_dir, "--adapter", tmp_path / "opt-adapter",
+                           "--out", tmp_path / "p")
+    assert_one_line(code, err, "adapter is for a 'opt' model, this model is 'llama'")
+    assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------------------------- privacy measures
+
+
+def test_privacy_measure_of_layer_drop_and_full_copy():
+    from gradot.privacy import measure
+
+    model = tiny_model("llama", layers=LAYERS)
+    split = split_model(model, 2)
+    full = uniform_emulator(model, split, 1.0)
+    r = measure(model, full.model, full.manifest, split.middle)
+    assert r.mean_own_error == 0 and r.exact_fraction == 1 and set(r.layer_status.values()) == {"kept"}
+    half = uniform_emulator(model, split, 0.5)
+    r = measure(model, half.model, half.manifest, split.middle)
+    kept = {s["source"] for s in half.manifest["slots"] if s["role"] == "middle"}
+    for m in r.matrices:
+        assert m.own_error == (0.0 if m.layer in kept else 1.0), m
+        assert m.best_error <= m.own_error
+    assert r.exact_fraction == pytest.approx(half.manifest["size"]["keep_achieved"])
+    assert {r.layer_status[i] for i in kept} == {"kept"} and r.layer_status[3] == "nothing"
+
+
+def test_privacy_measure_of_low_rank_and_pruned_matrices():
+    from gradot.privacy import measure
+    from gradot.registry import decoder_layers
+
+    model = tiny_model("llama", layers=LAYERS)
+    split = split_model(model, 2)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.5, selection="svd"), None, method="svd")
+    r = measure(model, emu.model, emu.manifest, split.middle)
+    slot = next(s for s in emu.manifest["slots"] if s["role"] == "middle")
+    layer = decoder_layers(model)[slot["source"]]
+    # A rank-r factorisation keeping the largest singular values: the Eckart-Young error.
+    name, rank = next(iter(slot["ranks"].items()))
+    S = torch.linalg.svdvals(layer.get_submodule(name).weight.detach().double())
+    expected = float(S[rank:].norm() / S.norm())
+    got = next(m for m in r.matrices if m.layer == slot["source"] and m.name == name)
+    assert got.kind == "lowrank" and got.own_error == pytest.approx(expected, rel=1e-4)
+    # Channel pruning: the kept rows are placed where they came from; the error is that of the pruned rows.
+    up = layer.mlp.up_proj.weight.detach().double()
+    kept_rows = emu.model.get_submodule("model.layers.2.mlp.up_proj").weight.detach().double()
+    assert kept_rows.shape[0] == slot["channels"] < up.shape[0]
+    rows = [int((up - row).abs().sum(1).argmin()) for row in kept_rows]
+    mask = torch.ones(up.shape[0], dtype=torch.bool)
+    mask[rows] = False
+    got = next(m for m in r.matrices if m.layer == slot["source"] and m.name == "mlp.up_proj")
+    assert got.kind == "pruned" and got.own_error == pytest.approx(float(up[mask].norm() / up.norm()), rel=1e-6)
+    assert 0 < r.exact_fraction < 1 and r.mean_own_error < 1
+
+
+def test_privacy_measure_of_shared_layers():
+    from gradot.privacy import measure
+
+    model = tiny_model("llama", layers=10)
+    split = split_model(model, 2)
+    emu = shared_emulator(model, split, [([2, 3, 4], 3), ([5], 5), ([6, 7], 6)])
+    r = measure(model, emu.model, emu.manifest, split.middle)
+    reps = {s["source"] for s in emu.manifest["slots"] if s["role"] == "middle"}
+    assert any(v.endswith("(shared)") for v in r.layer_status.values())
+    for m in r.matrices:
+        if m.layer in reps:
+            assert m.own_error == 0
+        else:  # a clustered-away layer ships nothing of its own; its representative may be the best guess
+            assert m.own_error == 1 and m.best_error <= 1
