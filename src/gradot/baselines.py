@@ -44,7 +44,10 @@ def cluster_adjacent(similarity: torch.Tensor, m: int) -> list[list[int]]:
     """Group ``n`` consecutive layers into ``m`` contiguous clusters.
 
     Agglomerative with an adjacency constraint: repeatedly merge the two neighbouring clusters
-    with the highest average pairwise similarity.
+    whose least similar pair of layers is the most similar (complete linkage). Average linkage
+    was tried first: on the default model the mid-stack layers are so alike that it grew one
+    cluster of 17 layers, whose repeated representative made the emulator useless
+    (WikiText-2 perplexity 5.8e7 at keep 0.4).
     """
     n = similarity.shape[0]
     if not 1 <= m <= n:
@@ -52,7 +55,7 @@ def cluster_adjacent(similarity: torch.Tensor, m: int) -> list[list[int]]:
     clusters = [[i] for i in range(n)]
     while len(clusters) > m:
         def link(a, b):
-            return similarity[a][:, b].mean().item()
+            return similarity[a][:, b].min().item()
         best = max(range(len(clusters) - 1), key=lambda j: link(clusters[j], clusters[j + 1]))
         clusters[best : best + 2] = [clusters[best] + clusters[best + 1]]
     return clusters
@@ -121,5 +124,6 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
             middle.append(copy.deepcopy(layers[split.middle[rep]]) if j == 0 else None)
             sources.append(split.middle[rep])
             shares.append(None if j == 0 else owner)
-    settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "cka_tokens": min(max_tokens, outputs[0].shape[0])}
+    settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "linkage": "complete",
+                "cka_tokens": min(max_tokens, outputs[0].shape[0])}
     return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)
