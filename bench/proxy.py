@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--ppl-sequences", type=int, default=8)
     p.add_argument("--ppl-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="no computation: rebuild the table and JSON from the cached cells (missing cells are listed)")
     return p.parse_args(argv)
 
 
@@ -74,10 +76,40 @@ def git_commit():
         return "unknown"
 
 
+def cell_list(args):
+    cells = []
+    for keep in [float(k) for k in args.keeps.split(",")]:
+        for method in args.methods.split(","):
+            cells.append((method, keep, 0.0))
+        for lam in [float(x) for x in args.lambdas.split(",")]:
+            if lam > 0:
+                cells.append((f"gradot-{args.sweep_allocation}", keep, lam))
+    return cells
+
+
+def cell_path(out, method, keep, lam):
+    return out / "cells" / f"{method}_keep{keep}_lam{lam}.json"
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    cells = cell_list(args)
+    if not args.report_only:
+        compute(args, out, cells)
+    meta = json.loads((out / "cells" / "_original.json").read_text())
+    rows, missing = [], []
+    for method, keep, lam in cells:
+        path = cell_path(out, method, keep, lam)
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+        else:
+            missing.append(path.stem)
+    report(args, out, meta, rows, missing)
+
+
+def compute(args, out, cells):
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     split = split_model(model, 2)
@@ -106,22 +138,14 @@ def main(argv=None):
             t0 = time.perf_counter()
             factors = collect_kfac(model, middle_linears(model, split), calib)
             kfac_seconds = time.perf_counter() - t0
+            meta["kfac_seconds"] = kfac_seconds
+            meta_path.write_text(json.dumps(meta))
             print(f"KFAC statistics: {kfac_seconds:.1f} s", flush=True)
         return factors
 
-    cells = []
-    for keep in [float(k) for k in args.keeps.split(",")]:
-        for method in args.methods.split(","):
-            cells.append((method, keep, 0.0))
-        for lam in [float(x) for x in args.lambdas.split(",")]:
-            if lam > 0:
-                cells.append((f"gradot-{args.sweep_allocation}", keep, lam))
-
-    uniform_cos = {}
-    rows = []
     for method, keep, lam in cells:
         key = f"{method}_keep{keep}_lam{lam}"
-        path = out / "cells" / f"{key}.json"
+        path = cell_path(out, method, keep, lam)
         if path.exists():
             row = json.loads(path.read_text())
         else:
@@ -159,13 +183,14 @@ def main(argv=None):
             }
             path.write_text(json.dumps(row))
             del emu
-        if row["method"] == "uniform":
-            uniform_cos[row["keep"]] = row["cosines"]
-        rows.append(row)
         m, se = mean_and_stderr(row["cosines"])
         print(f"{key:40s} cos {m:.3f} ± {se:.3f}  ppl {row['perplexity']:10.1f}  keep {row['keep_achieved']:.3f}  "
               f"{row['compress_seconds']:.1f} s", flush=True)
 
+
+def report(args, out, meta, rows, missing):
+    tasks = args.tasks.split(",")
+    uniform_cos = {r["keep"]: r["cosines"] for r in rows if r["method"] == "uniform"}
     for row in rows:
         m, se = mean_and_stderr(row["cosines"])
         row["cos_mean"], row["cos_stderr"] = m, se
@@ -179,7 +204,7 @@ def main(argv=None):
     info = {
         "command": command, "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
-        "model": args.model, "settings": vars(args), "original": meta, "kfac_seconds": kfac_seconds, "rows": rows,
+        "model": args.model, "settings": vars(args), "original": meta, "rows": rows, "missing_cells": missing,
     }
     (out / "proxy.json").write_text(json.dumps(info, indent=2))
     lines = [
@@ -189,7 +214,8 @@ def main(argv=None):
         f"forward-backward floor over the calibration set ({args.calib_sequences}×{args.calib_len} tokens): "
         f"{meta['floor_seconds']:.1f} s.  ",
         f"Adapter-gradient cosine: {args.grad_batches} paired batches of {args.grad_batch_size} training rows "
-        f"from {', '.join(tasks)}; Δ vs OT† is the paired difference to uniform layer drop at the same keep.", "",
+        f"from {', '.join(tasks)}; Δ vs OT† is the paired difference to uniform layer drop at the same keep.",
+        f"Cells not computed: {', '.join(missing) if missing else 'none'}.", "",
         "| method | keep | λ | achieved keep | depth | grad cosine | Δ vs OT† | perplexity | compress s | × floor |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
