@@ -3,7 +3,9 @@
 Three steps with one job each:
 
 1. ``score_middle``: KFAC factors -> per-unit scores (singular components of attention linears,
-   MLP channels, whole layers), through the pure functions of ``scores``.
+   MLP channels, whole layers), through the pure functions of ``scores``. ``collect_and_score``
+   collects the factors and scores them, optionally a few layers per forward-backward pass with
+   each chunk's factors freed before the next (models whose factors do not fit in memory at once).
 2. ``allocate_uniform`` / ``allocate_global``: scores + budget -> a ``Plan`` (which components,
    channels and layers survive). Pure bookkeeping, no modules.
 3. ``build_from_plan``: the only step that touches modules (through ``surgery``).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +98,17 @@ class LayerScores:
     fixed: int  # parameters no unit removal touches (norms, out biases)
     attn: list[MatrixScores]
     mlp: MLPScores
-    cost: float  # cost of removing the whole layer (its output linears zeroed: the layer is identity)
+    cost: float  # cost of removing the whole layer (its output linears zeroed: the layer is identity);
+    # computed only for allocation "global-layers" (its one consumer), math.inf otherwise
+
+
+def _grad(f, W: torch.Tensor, lam: float) -> torch.Tensor:
+    """``f.grad``, or zeros when the factors were collected without gradients (first-order term 0)."""
+    if f.grad is not None:
+        return f.grad
+    if lam != 0:
+        raise ValueError("a nonzero lambda needs KFAC factors collected with gradients=True")
+    return torch.zeros(W.shape, dtype=torch.float32, device=f.G.device)
 
 
 def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
@@ -105,7 +118,7 @@ def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
         U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
         svd = DRDScores(U, S, Vh, S, torch.zeros_like(S), S, 1.0, 1.0, 1.0, 1.0, 0.0)
     else:
-        svd = drd_scores(W, f.A, f.G, f.grad, lam)
+        svd = drd_scores(W, f.A, f.G, _grad(f, W, lam), lam)
     S = svd.S
     n_top = min(len(S), max(1, math.ceil(cfg.top_frac * len(S))))
     protected = torch.arange(n_top)  # S is sorted descending
@@ -133,7 +146,9 @@ def _mlp_scores(layer, arch: ArchSpec, factors, cfg: GradOTConfig, prefix: str) 
     else:
         fs = [factors[f"{prefix}{n}"] for n in arch.mlp_in]
         fd = factors[f"{prefix}{arch.mlp_out}"]
-        s = scp_scores([(W, f.A, f.G, f.grad) for W, f in zip(W_ins, fs)], (W_down, fd.A, fd.G, fd.grad), cfg.lambda_mlp)
+        lam = cfg.lambda_mlp
+        s = scp_scores([(W, f.A, f.G, _grad(f, W, lam)) for W, f in zip(W_ins, fs)],
+                       (W_down, fd.A, fd.G, _grad(fd, W_down, lam)), lam)
         score = s.gcs
         cost = s.gcs * s.scale_hess
     return MLPScores(channels, per_channel, score.argsort(descending=True), cost)
@@ -143,18 +158,24 @@ def _removal_cost(module, f, lam: float, scale_h: float, scale_f: float) -> floa
     """GCS of zeroing a whole linear, ``||G W A||_1 - lam <grad, -W> (scale_h / scale_f)``."""
     W = dense_weight(module).detach().float()
     hess = float((f.G @ W @ f.A).abs().sum())
-    first = float(-(f.grad * W).sum())
+    if lam == 0:
+        return hess
+    first = float(-(_grad(f, W, lam) * W).sum())
     return hess - lam * first * scale_h / scale_f
 
 
-def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: GradOTConfig) -> list[LayerScores]:
-    """Scores of every unit of every middle layer. ``factors`` are KFAC factors keyed by
-    ``<layers>.<index>.<linear>`` (None for the svd ablation, which needs none)."""
+def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: GradOTConfig,
+                 layers: list[int] | None = None) -> list[LayerScores]:
+    """Scores of every unit of every middle layer (or of the middle layers ``layers`` only).
+    ``factors`` are KFAC factors keyed by ``<layers>.<index>.<linear>`` (None for the svd ablation,
+    which needs none). A whole layer's removal cost (a materialised ``G W A`` product per output
+    linear) is only computed for the ``global-layers`` allocation, its one consumer."""
     arch = arch_of(model)
-    layers = decoder_layers(model)
+    indices = split.middle if layers is None else list(layers)
+    decoder = decoder_layers(model)
     out = []
-    for i in split.middle:
-        layer = layers[i]
+    for i in indices:
+        layer = decoder[i]
         prefix = f"{arch.layers}.{i}."
         attn = [
             _matrix_scores(n, get_module(layer, n), factors[prefix + n] if factors and cfg.selection == "gcs" else None,
@@ -165,7 +186,7 @@ def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: Grad
         unit_params = sum(m.dense_params for m in attn) + mlp.channels * mlp.per_channel
         params = sum(p.numel() for p in layer.parameters())
         cost = math.inf
-        if factors is not None and cfg.selection == "gcs":
+        if factors is not None and cfg.selection == "gcs" and cfg.allocation == "global-layers":
             o = next(m for m in attn if m.name == arch.attn_out[-1])
             cost = _removal_cost(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
                                  cfg.lambda_attn, o.svd.scale_hess, o.svd.scale_first)
@@ -246,10 +267,13 @@ def allocate_global(scores: list[LayerScores], target: int, layers: bool = False
     candidates = []  # (cost per parameter, kind, layer, detail)
     for li, ls in enumerate(scores):
         for mi, m in enumerate(ls.attn):
-            for j in m.keep_order[m.protected:].tolist():
-                candidates.append((float(m.cost[j]) / (m.in_f + m.out_f), "component", li, (mi, j)))
-        for c in ls.mlp.keep_order[1:].tolist():  # keep at least one channel
-            candidates.append((float(ls.mlp.cost[c]) / ls.mlp.per_channel, "channel", li, c))
+            order = m.keep_order[m.protected:]
+            # float64 division of the float32 costs: the same numbers as float(cost[j]) / n, in one op
+            per_param = (m.cost[order].double() / (m.in_f + m.out_f)).tolist()
+            candidates += [(c, "component", li, (mi, j)) for c, j in zip(per_param, order.tolist())]
+        order = ls.mlp.keep_order[1:]  # keep at least one channel
+        per_param = (ls.mlp.cost[order].double() / ls.mlp.per_channel).tolist()
+        candidates += [(c, "channel", li, ch) for c, ch in zip(per_param, order.tolist())]
         if layers and len(scores) > 1:
             candidates.append((ls.cost / ls.params, "layer", li, None))
     # On equal cost per parameter a whole layer goes first: same damage, a shallower (faster) emulator.
@@ -267,39 +291,44 @@ def allocate_global(scores: list[LayerScores], target: int, layers: bool = False
         return ls.fixed + channels[li] * ls.mlp.per_channel + sum(
             m.stored_params(r) for m, r in zip(ls.attn, rank[li]))
 
-    def step(kind, li, detail, delta):
+    def step(kind, li, detail, delta) -> int:
+        """Apply one unit's removal (-1) or return (+1); the change in the layer's parameters."""
         if kind == "component":
-            rank[li][detail[0]] += delta
-        else:
-            channels[li] += delta
+            m = scores[li].attn[detail[0]]
+            r = rank[li][detail[0]]
+            rank[li][detail[0]] = r + delta
+            return m.stored_params(r + delta) - m.stored_params(r)
+        channels[li] += delta
+        return delta * scores[li].mlp.per_channel
 
     per_layer = [layer_params(li) for li in range(len(scores))]
     total = sum(per_layer)
     removed = []
+    alive = len(scores)
     for _, kind, li, detail in candidates:
         if total <= target:
             break
         if dropped[li]:
             continue
         if kind == "layer":
-            if sum(not d for d in dropped) == 1:  # never drop the last middle layer
+            if alive == 1:  # never drop the last middle layer
                 continue
             dropped[li] = True
+            alive -= 1
+            change = -per_layer[li]
         else:
-            step(kind, li, detail, -1)
+            change = step(kind, li, detail, -1)
             removed.append((kind, li, detail))
-        new = layer_params(li)
-        total += new - per_layer[li]
-        per_layer[li] = new
+        total += change
+        per_layer[li] += change
     # Dropping a whole layer can overshoot: give back the most costly removed units that fit.
     for kind, li, detail in reversed(removed):
         if dropped[li]:
             continue
-        step(kind, li, detail, +1)
-        new = layer_params(li)
-        if total + new - per_layer[li] <= target:
-            total += new - per_layer[li]
-            per_layer[li] = new
+        change = step(kind, li, detail, +1)
+        if total + change <= target:
+            total += change
+            per_layer[li] += change
         else:
             step(kind, li, detail, -1)
 
@@ -344,18 +373,74 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
                     settings=settings)
 
 
-def middle_linears(model: nn.Module, split: Split, mlp_only: bool = False) -> dict[str, nn.Module]:
-    """Name -> module of every linear compression scores (keys match ``score_middle``)."""
+def middle_linears(model: nn.Module, split: Split, mlp_only: bool = False,
+                   layers: list[int] | None = None) -> dict[str, nn.Module]:
+    """Name -> module of every linear compression scores (keys match ``score_middle``), of every
+    middle layer or of the middle layers ``layers`` only."""
     arch = arch_of(model)
-    layers = decoder_layers(model)
+    modules = decoder_layers(model)
     names = arch.mlp_linears if mlp_only else arch.attn_linears + arch.mlp_linears
-    return {f"{arch.layers}.{i}.{n}": get_module(layers[i], n) for i in split.middle for n in names}
+    indices = split.middle if layers is None else list(layers)
+    return {f"{arch.layers}.{i}.{n}": get_module(modules[i], n) for i in indices for n in names}
+
+
+def needs_gradients(cfg: GradOTConfig) -> bool:
+    """Whether scoring with ``cfg`` uses the KFAC ``grad`` (the first-order term, lambda != 0)."""
+    return cfg.selection == "gcs" and (cfg.lambda_attn != 0 or cfg.lambda_mlp != 0)
+
+
+def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches, *,
+                      layers_per_pass: int | None = None, gradient_checkpointing: bool = False,
+                      gradients: bool | None = None, progress: bool = True,
+                      timings: dict | None = None) -> list[LayerScores]:
+    """KFAC statistics over ``batches`` and the scores of every middle layer.
+
+    ``layers_per_pass=None`` collects every middle layer's factors in one forward-backward pass
+    and scores them (what ``gradot_emulator`` does with precomputed factors). With
+    ``layers_per_pass=n``, the middle layers are processed ``n`` at a time: one forward-backward
+    pass over all of ``batches`` per chunk, whose factors are scored and freed before the next, so
+    factor memory is that of ``n`` layers (plus the scores kept: the attention SVDs and per-unit
+    vectors); the time grows with the number of chunks (each repeats the forward). Both give the
+    same scores. ``gradients=None`` collects ``grad`` only when ``cfg`` needs it. ``timings``, if
+    given, receives ``statistics_s`` and ``scores_s``.
+    """
+    from .kfac import collect_kfac  # kfac imports nothing from here; keep the import light
+
+    if cfg.selection == "svd":
+        raise ValueError("the svd ablation needs no statistics: call score_middle(model, split, None, cfg)")
+    if gradients is None:
+        gradients = needs_gradients(cfg)
+    middle = split.middle
+    step = len(middle) if not layers_per_pass else int(layers_per_pass)
+    if step < 1:
+        raise ValueError(f"layers_per_pass must be >= 1, got {layers_per_pass}")
+    batches = list(batches)  # iterated once per chunk
+    scores: list[LayerScores] = []
+    t_stats = t_scores = 0.0
+    for start in range(0, len(middle), step):
+        chunk = middle[start:start + step]
+        t0 = time.perf_counter()
+        factors = collect_kfac(model, middle_linears(model, split, mlp_only=cfg.selection == "wanda", layers=chunk),
+                               batches, progress=progress, gradient_checkpointing=gradient_checkpointing,
+                               gradients=gradients)
+        t1 = time.perf_counter()
+        scores += score_middle(model, split, factors, cfg, layers=chunk)
+        del factors  # freed before the next chunk's pass
+        t_scores += time.perf_counter() - t1
+        t_stats += t1 - t0
+    if timings is not None:
+        timings["statistics_s"] = t_stats
+        timings["scores_s"] = t_scores
+    return scores
 
 
 def gradot_emulator(model: nn.Module, split: Split, cfg: GradOTConfig, factors: dict | None,
-                    method: str = "gradot", settings: dict | None = None) -> Emulator:
-    """Score, allocate and cut. ``factors`` from ``kfac.collect_kfac`` over ``middle_linears``."""
-    scores = score_middle(model, split, factors, cfg)
+                    method: str = "gradot", settings: dict | None = None,
+                    scores: list[LayerScores] | None = None) -> Emulator:
+    """Score, allocate and cut. ``factors`` from ``kfac.collect_kfac`` over ``middle_linears``, or
+    ``scores`` already computed (``collect_and_score``; ``factors`` is then ignored)."""
+    if scores is None:
+        scores = score_middle(model, split, factors, cfg)
     target = round(cfg.keep * middle_parameter_count(model, split))
     if cfg.allocation == "uniform":
         plan = allocate_uniform(scores, target)

@@ -34,7 +34,7 @@ def _crash(model, tok, args) -> Emulator:
 
 def _gradot_like(selection: str):
     def run(model, tok, args) -> Emulator:
-        from .gradot_method import GradOTConfig, gradot_emulator, middle_linears
+        from .gradot_method import GradOTConfig, collect_and_score, gradot_emulator, middle_linears, needs_gradients
         from .kfac import collect_kfac
 
         split = split_model(model, args.adapter_layers)
@@ -46,11 +46,22 @@ def _gradot_like(selection: str):
             selection=selection,
             top_frac=args.top_frac,
         )
-        factors, settings = None, {}
+        factors, scores, settings = None, None, {}
+        auto = selection == "gcs" and getattr(args, "auto_lambda", None) is not None
+        layers_per_pass = getattr(args, "layers_per_pass", None)
         if selection != "svd":
             batches, spec = _calibration(tok, args)
-            factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
-                                   gradient_checkpointing=args.gradient_checkpointing)
+            if layers_per_pass and auto:
+                from .cli import UsageError
+
+                raise UsageError("--auto-lambda needs every layer's statistics at once; drop --layers-per-pass")
+            if layers_per_pass:  # large models: a few layers' factors in memory at a time
+                scores = collect_and_score(model, split, cfg, batches, layers_per_pass=layers_per_pass,
+                                           gradient_checkpointing=args.gradient_checkpointing)
+            else:
+                factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
+                                       gradient_checkpointing=args.gradient_checkpointing,
+                                       gradients=auto or needs_gradients(cfg))
             settings["calibration"] = spec.describe()
         if selection == "gcs" and args.auto_lambda is not None:
             from dataclasses import replace
@@ -62,7 +73,8 @@ def _gradot_like(selection: str):
             lam, curve = auto_lambda(model, split, factors, cfg, held_out, threshold=args.auto_lambda)
             cfg = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
             settings["auto_lambda"] = {"threshold": args.auto_lambda, "chosen": lam, "curve": curve}
-        emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings)
+        emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings,
+                                   scores=scores)
         if "calibration" in settings:
             emulator.manifest["calibration"] = settings["calibration"]
         return emulator
@@ -79,6 +91,16 @@ METHODS: dict[str, Callable] = {
     "svd": _gradot_like("svd"),
     "wanda": _gradot_like("wanda"),
 }
+
+
+def _layers_per_pass(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers-per-pass must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--layers-per-pass must be a positive integer, got {n}")
+    return n
 
 
 def _gradot_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +122,10 @@ def _gradot_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of singular components kept unconditionally by singular value")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations during the statistics pass (large models)")
+    g.add_argument("--layers-per-pass", type=_layers_per_pass, default=None, metavar="N",
+                   help="large models: collect and score the KFAC statistics of N middle layers per "
+                        "forward-backward pass, freeing each chunk's factors before the next (same emulator; "
+                        "one pass over the calibration set per chunk)")
 
 
 def add_method_arguments(p: argparse.ArgumentParser) -> None:

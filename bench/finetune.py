@@ -1,0 +1,321 @@
+"""Fine-tuning efficiency: tokens per second and peak memory of one training step, in the four
+settings of the offsite-tuning paper's efficiency table, on the default model:
+
+* ``full``: full fine-tuning of the original model (every parameter, AdamW);
+* ``full-lora``: LoRA on every decoder layer of the original model;
+* ``adapter``: the adapter (bottom and top k layers) on an emulator (``--method``, ``--keep``);
+* ``adapter-lora``: LoRA on the adapter layers of that emulator.
+
+Each setting runs in its own process (clean peak memory) through the library's real training path
+(``finetune_full`` / ``finetune_adapter``, i.e. transformers' Trainer with AdamW), with the same
+batch size and sequence length (every example exactly ``--seq-len`` tokens of WikiText-2 text).
+The first ``--warmup`` steps are discarded; tokens per second are averaged over the next
+``--steps`` optimizer steps (data loading, forward, backward, optimizer). Peak memory is the
+process's peak resident set size while those steps ran (sampled every 5 ms), minus the resident
+size after imports (so it counts model, gradients, optimizer state and activations); on CUDA,
+``torch.cuda.max_memory_allocated``. One extra step afterwards counts the matmul FLOPs of a step
+and the share of the LM head (a 49k vocabulary is a large part of a 135M model).
+
+    python bench/finetune.py --threads 1 --out results/finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--method", default="uniform", help="emulator method (gradot compress --method)")
+    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2, help="steps discarded before timing")
+    p.add_argument("--steps", type=int, default=4, help="timed steps")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's bf16)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="results/finetune")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--emulator", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one setting, in its own process
+
+
+class PeakRSS:
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.proc, self.interval = psutil.Process(), interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def _records(tok, n_examples: int, seq_len: int) -> list[str]:
+    """Texts of WikiText-2 that tokenize to exactly ``seq_len`` tokens each (one full window)."""
+    from gradot.calib import default_calibration_path, read_corpus
+
+    text = read_corpus(default_calibration_path())
+    ids = tok(text[: n_examples * seq_len * 16], add_special_tokens=False)["input_ids"]
+    records = []
+    for start in range(0, len(ids) - seq_len, seq_len):
+        piece = tok.decode(ids[start:start + seq_len])
+        if len(tok(piece)["input_ids"]) == seq_len:  # re-tokenizing a cut can merge or split a token
+            records.append(piece)
+        if len(records) == n_examples:
+            return records
+    raise SystemExit("not enough calibration text for the requested steps")
+
+
+def worker(args) -> dict:
+    import psutil
+
+    import torch
+    import peft  # noqa: F401  (same imports in every setting: same baseline)
+    from transformers import TrainerCallback
+
+    from gradot.artifacts import load_emulator, load_emulator_tokenizer
+    from gradot.finetune import FinetuneConfig, FinetuneDataset, finetune_adapter, finetune_full
+    from gradot.modeling import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    baseline = psutil.Process().memory_info().rss
+    setting = args.worker
+    if setting.startswith("full"):
+        model, tok = load_model(args.model, device="cuda" if cuda else "cpu")
+        emulator = None
+    else:
+        emulator = load_emulator(args.emulator, device="cuda" if cuda else "cpu")
+        tok = load_emulator_tokenizer(args.emulator)
+        model = emulator.model
+    total_steps = args.warmup + args.steps + 1  # + one step whose FLOPs are counted
+    records = _records(tok, total_steps * args.batch_size, args.seq_len)
+    data = FinetuneDataset(tok, records, args.seq_len)
+    assert len(data) == len(records) and all(len(ids) == args.seq_len for ids, _ in data.examples)
+    after_load = psutil.Process().memory_info().rss
+    rss = PeakRSS()
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.ends, self.seen, self.flops = [], [], None
+            self.counter = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            step = state.global_step  # 0-based index of the step about to run
+            if step == args.warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                rss.start()
+                self.ends.append(time.perf_counter())
+                self.seen.append(state.num_input_tokens_seen)
+            if step == args.warmup + args.steps:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                self.counter = FlopCounterMode(display=False)
+                self.counter.__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            step = state.global_step  # steps done
+            if args.warmup < step <= args.warmup + args.steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.ends.append(time.perf_counter())
+                self.seen.append(state.num_input_tokens_seen)
+                if step == args.warmup + args.steps:
+                    rss.stop()
+            if self.counter is not None and step == total_steps:
+                self.counter.__exit__(None, None, None)
+                counts = self.counter.get_flop_counts()
+                total = self.counter.get_total_flops()
+                head = max((sum(v.values()) for k, v in counts.items() if k.endswith("lm_head")), default=0)
+                self.flops = {"total": total, "lm_head": head}
+
+    meter = Meter()
+    with tempfile.TemporaryDirectory(prefix="gradot-ftbench-") as out:
+        cfg = FinetuneConfig(output_dir=out, max_steps=total_steps, batch_size=args.batch_size,
+                             max_length=args.seq_len, lora_r=args.lora_r if setting.endswith("lora") else 0,
+                             logging_steps=1000, save_steps=100000, save_total_limit=1, bf16=args.bf16,
+                             learning_rate=1e-5)
+        if emulator is None:
+            _, stats = finetune_full(model, tok, records, cfg, callbacks=[meter])
+        else:
+            _, stats = finetune_adapter(emulator, tok, records, cfg, callbacks=[meter])
+    seconds = meter.ends[-1] - meter.ends[0]
+    tokens = meter.seen[-1] - meter.seen[0]
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    result = {
+        "setting": setting, "params": params, "lm_head_params": head,
+        "trainable_parameters": stats["trainable_parameters"],
+        "timed_steps": args.steps, "seconds": seconds, "seconds_per_step": seconds / args.steps,
+        "tokens": tokens, "tokens_per_second": tokens / seconds,
+        "baseline_rss_mib": baseline / 2**20, "loaded_rss_mib": after_load / 2**20,
+        "peak_rss_mib": rss.peak / 2**20, "peak_mib": (rss.peak - baseline) / 2**20,
+        "flops_per_token": meter.flops["total"] / (args.batch_size * args.seq_len) if meter.flops else None,
+        "lm_head_flop_share": meter.flops["lm_head"] / meter.flops["total"] if meter.flops else None,
+        "final_loss": stats.get("train_loss"),
+    }
+    if cuda:
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_memory_source"] = "cuda max_memory_allocated"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def git_commit():
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=here).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
+                                        cwd=here).strip()
+        return commit + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(threads) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    try:
+        load = ", load average %.1f" % os.getloadavg()[0]
+    except OSError:
+        load = ""
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch threads"
+            f"{load}, torch {torch.__version__}")
+
+
+def make_emulator(args, folder: Path) -> dict:
+    from argparse import Namespace
+
+    from gradot.artifacts import save_emulator
+    from gradot.methods import compress
+    from gradot.modeling import load_model
+
+    model, tok = load_model(args.model)
+    ns = Namespace(method=args.method, keep=args.keep, adapter_layers=2, calib=None, calib_sequences=8,
+                   calib_len=128, batch_size=4, lambda_attn=0.0, lambda_mlp=0.0, allocation="uniform",
+                   top_frac=0.05, gradient_checkpointing=False, auto_lambda=None, layers_per_pass=None)
+    emu = compress(model, tok, ns)
+    save_emulator(emu, folder, overwrite=True, tokenizer=tok)
+    return emu.manifest["size"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    started = machine(args.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="gradot-ftbench-emu-")  # the emulator only lives for the run
+    emu_dir = Path(tmp.name) / f"emulator-{args.method}-keep{args.keep}"
+    size = make_emulator(args, emu_dir) if any(s.startswith("adapter") for s in settings) else None
+    rows = []
+    for setting in settings:
+        cmd = [sys.executable, __file__, "--worker", setting, "--emulator", str(emu_dir), "--model", args.model,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
+               "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        if args.bf16:
+            cmd.append("--bf16")
+        print(f"== {setting} ==", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"setting {setting} failed (exit {proc.returncode})")
+        row = json.loads(found[-1][len("RESULT "):])
+        rows.append(row)
+        print(f"  {row['tokens_per_second']:.0f} tokens/s, {row['seconds_per_step']:.2f} s/step, "
+              f"peak {row['peak_mib']:.0f} MiB", flush=True)
+    tmp.cleanup()
+    base = next((r for r in rows if r["setting"] == "full"), None)
+    for r in rows:
+        if base:
+            r["speed_vs_full"] = r["tokens_per_second"] / base["tokens_per_second"]
+            r["memory_vs_full"] = r["peak_mib"] / base["peak_mib"]
+
+    command = "python bench/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = {"command": command, "git_commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": started,
+            "settings": vars(args), "emulator_size": size, "rows": rows}
+    (out / "finetune.json").write_text(json.dumps(info, indent=2))
+    emu_note = ""
+    if size:
+        emu_note = (f"Emulator: {args.method}, keep {args.keep} (achieved {size['keep_achieved']:.3f}), "
+                    f"{size['emulator_params'] / 1e6:.1f} M parameters, depth {size['emulator_depth']}.  ")
+    lines = [
+        "# Fine-tuning efficiency", "",
+        f"Command: `{command}`  ",
+        f"Commit: {info['git_commit']}; date {info['date']}; machine: {started}  ",
+        f"Model: {args.model}; batch {args.batch_size} × {args.seq_len} tokens; AdamW through transformers' Trainer; "
+        f"LoRA rank {args.lora_r}; {args.warmup} warm-up steps, {args.steps} timed steps"
+        + ("; bf16" if args.bf16 else "; float32") + ".  ",
+        emu_note,
+        "Peak memory: process peak RSS during the timed steps minus RSS after imports (CPU), or CUDA "
+        "max_memory_allocated.", "",
+        "| setting | params | trainable | tokens/s | × full FT | s/step | peak MiB | × full FT | "
+        "matmul GFLOP/token | LM head share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    def ratio(r, key):
+        return f"{r[key]:.2f}" if key in r else "–"
+
+    for r in rows:
+        fl = f"{r['flops_per_token'] / 1e9:.2f}" if r["flops_per_token"] else "–"
+        share = f"{r['lm_head_flop_share']:.0%}" if r["lm_head_flop_share"] is not None else "–"
+        lines.append(
+            f"| {r['setting']} | {r['params'] / 1e6:.1f} M | {r['trainable_parameters'] / 1e6:.2f} M | "
+            f"{r['tokens_per_second']:.0f} | {ratio(r, 'speed_vs_full')} | {r['seconds_per_step']:.2f} | "
+            f"{r['peak_mib']:.0f} | {ratio(r, 'memory_vs_full')} | {fl} | {share} |")
+    (out / "finetune.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
