@@ -86,6 +86,8 @@ def _records(args):
     if args.task:
         return task_records(load_task(args.task, "train", data_dir=args.data_dir, limit=args.train_limit))
     records = load_corpus(args.data, limit=args.train_limit)
+    if isinstance(records, str):  # a plain-text file is one long text (cut into windows when tokenized)
+        return [records]
     return [r if isinstance(r, str) else (r.prompt, r.continuation()) for r in records]
 
 
