@@ -101,6 +101,10 @@ def cmd_finetune(args) -> int:
                          learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume)
     emulator, stats = finetune_adapter(emulator, tok, _records(args), cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the adapter
+        return 0
     save_adapter(emulator, args.out, training={k: v for k, v in stats.items() if k != "loss_history"},
                  overwrite=args.overwrite)
     print(f"adapter written to {args.out}: {stats['steps']} steps, final loss {stats['train_loss']:.4f}, "
