@@ -93,17 +93,8 @@ METHODS: dict[str, Callable] = {
 }
 
 
-def _layers_per_pass(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers-per-pass must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--layers-per-pass must be a positive integer, got {n}")
-    return n
-
-
 def _gradot_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import _positive_int
     from .gradot_method import ALLOCATIONS
 
     g = p.add_argument_group("gradot / svd / wanda")
@@ -122,7 +113,7 @@ def _gradot_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of singular components kept unconditionally by singular value")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations during the statistics pass (large models)")
-    g.add_argument("--layers-per-pass", type=_layers_per_pass, default=None, metavar="N",
+    g.add_argument("--layers-per-pass", type=_positive_int, default=None, metavar="N",
                    help="large models: collect and score the KFAC statistics of N middle layers per "
                         "forward-backward pass, freeing each chunk's factors before the next (same emulator; "
                         "one pass over the calibration set per chunk)")
