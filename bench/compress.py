@@ -43,20 +43,10 @@ import torch
 from gradot.baselines import crash_emulator, uniform_emulator
 from gradot.gradot_method import GradOTConfig, collect_and_score, gradot_emulator, middle_linears
 from gradot.kfac import collect_kfac, forward_backward_floor
-from gradot.modeling import load_model, random_model
+from gradot.modeling import load_model
 from gradot.split import split_model
+from shapes import SIZES, random_llama  # bench/shapes.py (the script's folder is on sys.path)
 
-SIZES = {
-    # name: LlamaConfig fields (vocabulary of SmolLM2 unless stated)
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152),
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152),
-    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                 num_key_value_heads=5, vocab_size=49152),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-}
 METHODS = "uniform,crash,svd,gradot-uniform,gradot-global"
 
 
@@ -171,11 +161,7 @@ def build_model(size: str, dtype, device, seed):
     if size == "default":
         model, tok = load_model("default", dtype=dtype, device=str(device))
         return model, tok
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=True)
-    model = random_model(cfg, seed=seed, dtype=dtype).to(device)
-    return model, None
+    return random_llama(size, seed=seed, dtype=dtype).to(device), None
 
 
 def calibration(tok, vocab: int, args, device) -> list[torch.Tensor]:

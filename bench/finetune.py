@@ -38,7 +38,11 @@ SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default",
+                   help="'default', a local model folder, or random:<size> (a random Llama of bench/shapes.py's "
+                        "sizes: speed and memory only, e.g. on a GPU machine that cannot load the default model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with random:<size>: a tokenizer folder (default: the default model's tokenizer)")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--method", default="uniform", help="emulator method (gradot compress --method)")
     p.add_argument("--keep", type=float, default=0.4)
@@ -242,6 +246,21 @@ def make_emulator(args, folder: Path) -> dict:
     return emu.manifest["size"]
 
 
+def save_random_model(spec: str, tokenizer: str | None, folder: Path) -> None:
+    """``random:<size>``: a random Llama of that shape saved with a real tokenizer (workers load it)."""
+    from shapes import random_llama  # bench/shapes.py (the script's folder is on sys.path)
+    from transformers import AutoTokenizer
+
+    from gradot.modeling import load_model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_model("default")[1]
+    model = random_llama(spec.split(":", 1)[1])
+    if len(tok) > model.config.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary {model.config.vocab_size}")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -252,6 +271,10 @@ def main(argv=None):
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     started = machine(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="gradot-ftbench-emu-")  # the emulator only lives for the run
+    model_arg = args.model
+    if args.model.startswith("random:"):
+        args.model = str(Path(tmp.name) / "model")
+        save_random_model(model_arg, args.tokenizer, Path(args.model))
     emu_dir = Path(tmp.name) / f"emulator-{args.method}-keep{args.keep}"
     size = make_emulator(args, emu_dir) if any(s.startswith("adapter") for s in settings) else None
     rows = []
@@ -283,7 +306,7 @@ def main(argv=None):
     command = "python bench/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {"command": command, "git_commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": started,
-            "settings": vars(args), "emulator_size": size, "rows": rows}
+            "settings": {**vars(args), "model": model_arg}, "emulator_size": size, "rows": rows}
     (out / "finetune.json").write_text(json.dumps(info, indent=2))
     emu_note = ""
     if size:
@@ -293,7 +316,7 @@ def main(argv=None):
         "# Fine-tuning efficiency", "",
         f"Command: `{command}`  ",
         f"Commit: {info['git_commit']}; date {info['date']}; machine: {started}  ",
-        f"Model: {args.model}; batch {args.batch_size} × {args.seq_len} tokens; AdamW through transformers' Trainer; "
+        f"Model: {model_arg}; batch {args.batch_size} × {args.seq_len} tokens; AdamW through transformers' Trainer; "
         f"LoRA rank {args.lora_r}; {args.warmup} warm-up steps, {args.steps} timed steps"
         + ("; bf16" if args.bf16 else "; float32") + ".  ",
         emu_note,

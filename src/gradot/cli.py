@@ -40,6 +40,41 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="'default' (embedded SmolLM2-135M), a local Hugging Face model folder, or a .gguf file")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a CUDA GPU when one is visible, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype the model's weights are loaded in (bfloat16 halves their memory on a GPU; "
+                        "curvature statistics and scores are always accumulated in float32)")
+
+
+def resolve_device(value: str) -> str:
+    """The torch device for ``--device``; a GPU that is not there is a usage error, not a crash later."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return value
+    if value == "cuda" or value.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {value}: no CUDA GPU is visible (use --device cpu)")
+        index = value.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UsageError(f"--device {value}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return value
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None,
                    help="calibration text (.txt/.raw or JSONL with 'text'); default: WikiText-2 valid from the shared data")
@@ -64,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k: bottom k and top k layers form the adapter")
     p.add_argument("--out", required=True, help="output directory of the emulator")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_device(p)
     _add_calibration(p)
     _add_method_options(p)
 
@@ -109,8 +145,9 @@ def cmd_compress(args) -> int:
     from .methods import compress
     from .modeling import load_model
 
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=dtype, device=device)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     emulator = compress(model, tok, args)
@@ -120,7 +157,7 @@ def cmd_compress(args) -> int:
     size = emulator.manifest["size"]
     print(f"emulator written to {args.out}: method {args.method}, kept {size['keep_achieved']:.3f} of the middle block "
           f"({size['middle_params_kept']:,} of {size['middle_params_original']:,} parameters); "
-          f"load {t_load:.1f} s, compress {t_compress:.1f} s")
+          f"load {t_load:.1f} s, compress {t_compress:.1f} s on {device} ({args.dtype})")
     return 0
 
 

@@ -27,10 +27,13 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: per-task default)")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the adapter layers (0: train them fully)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision (autocast; Ampere or newer GPU, or CPU autocast without a GPU). "
+                        "Training runs on a CUDA GPU whenever one is visible (transformers' Trainer)")
 
 
 def add_commands(sub) -> None:
-    from .cli import _add_calibration, _add_model, _keep, _positive_int
+    from .cli import _add_calibration, _add_device, _add_model, _keep, _positive_int
     from .methods import METHODS, add_method_arguments
 
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
@@ -57,6 +60,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the task files")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _add_device(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("pipeline", help="the whole protocol per task: Full ZS/FT, Emu ZS/FT, Plug-in, Δ")
@@ -72,6 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the task files")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
     p.add_argument("--out", default="runs/pipeline", help="output folder (cells are cached here; rerun to resume)")
+    _add_device(p)
     _training_arguments(p)
     _add_calibration(p)
     add_method_arguments(p)
@@ -99,7 +104,8 @@ def cmd_finetune(args) -> int:
     tok = load_emulator_tokenizer(args.emulator)
     cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
                          learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
-                         batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume)
+                         batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume,
+                         bf16=args.bf16)
     emulator, stats = finetune_adapter(emulator, tok, _records(args), cfg)
     from accelerate import PartialState
 
@@ -114,18 +120,20 @@ def cmd_finetune(args) -> int:
 
 def cmd_eval(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, plug_in
+    from .cli import resolve_device, resolve_dtype
     from .lmeval_tasks import evaluate
     from .modeling import load_model
     from .pipeline import plug_adapter_into_emulator
 
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.emulator:
-        emulator = load_emulator(args.emulator)
+        emulator = load_emulator(args.emulator, device=device)
         tok = load_emulator_tokenizer(args.emulator)
         if args.adapter:
             plug_adapter_into_emulator(emulator, Path(args.adapter))
-        model = emulator.model
+        model = emulator.model.to(dtype)
     else:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=dtype, device=device)
         if args.adapter:
             plug_in(model, args.adapter)
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.eval_batch_size)
@@ -138,26 +146,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    from .cli import UsageError, resolve_device, resolve_dtype
     from .methods import METHODS
     from .modeling import load_model
     from .pipeline import Pipeline, PipelineConfig
-    from .cli import UsageError
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
     compress_keys = ("adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn",
-                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing", "auto_lambda")
+                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass")
     cfg = PipelineConfig(
         model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
-        lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir,
-        compress_args={k: getattr(args, k) for k in compress_keys},
+        lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
+        bf16=args.bf16, compress_args={k: getattr(args, k) for k in compress_keys},
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device)
     info = Pipeline(cfg, model, tok).run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.md, results.json, results.png")

@@ -52,6 +52,8 @@ class PipelineConfig:
     lora_r: int = 0
     seed: int = 0
     data_dir: str | None = None
+    device: str = "cpu"  # where the models are evaluated (fine-tuning: transformers' Trainer decides)
+    bf16: bool = False  # bf16 mixed-precision fine-tuning
     compress_args: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -105,7 +107,7 @@ class Pipeline:
         c = self.cfg
         return FinetuneConfig(output_dir=str(folder), task=task, learning_rate=c.learning_rate, epochs=c.epochs,
                               max_steps=c.max_steps, batch_size=c.batch_size, seed=c.seed, lora_r=c.lora_r,
-                              resume=True, save_steps=50, logging_steps=10)
+                              resume=True, save_steps=50, logging_steps=10, bf16=c.bf16)
 
     def _records(self, task: str):
         return task_records(load_task(task, "train", data_dir=self.cfg.data_dir, limit=self.cfg.train_limit))
@@ -134,14 +136,14 @@ class Pipeline:
             for task in c.tasks:
                 row = lambda name: cells.setdefault(f"{method}: {name}", {})  # noqa: E731
                 row("Emu ZS")[task] = self._cell(f"{method}-emu_zs-{task}",
-                                                 lambda: self._evaluate(load_emulator(emu_dir).model, task))
+                                                 lambda: self._evaluate(load_emulator(emu_dir, device=c.device).model, task))
                 adapter_dir = self.out / "adapters" / f"{method}-keep{c.keep}-{task}"
                 row("Emu FT")[task] = self._cell(f"{method}-emu_ft-{task}", lambda: self._emu_ft(emu_dir, adapter_dir, task))
                 row("Plug-in")[task] = self._cell(f"{method}-plugin-{task}", lambda: self._plugin(adapter_dir, task))
         return self.report(cells)
 
     def _emu_ft(self, emu_dir: Path, adapter_dir: Path, task: str) -> dict:
-        emulator = load_emulator(emu_dir)
+        emulator = load_emulator(emu_dir, device=self.cfg.device)
         if not (adapter_dir / "manifest.json").exists():
             cfg = self._ft_config(self.out / "checkpoints" / adapter_dir.name, task)
             emulator, stats = finetune_adapter(emulator, self.tok, self._records(task), cfg)

@@ -1,0 +1,100 @@
+"""Where and in what precision the work runs: ``--device``, ``--dtype``, ``--bf16``.
+
+CPU tests run everywhere. The ``cuda`` tests need a CUDA GPU: CI has none, so they are skipped
+there and run on a lent GPU machine (``python -m pytest -q tests/test_device.py``); they check that
+the GPU path gives the CPU's emulator and trains only the adapter.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from gradot.artifacts import load_emulator
+from gradot.cli import UsageError, main, resolve_device
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+
+
+def _compress(capsys, model_dir, calib_file, out, *extra):
+    code = main(["compress", "--model", str(model_dir), "--method", "gradot", "--allocation", "global", "--keep",
+                 "0.5", "--calib", str(calib_file), "--calib-sequences", "4", "--calib-len", "16", "--out", str(out),
+                 *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def _logits(emulator_dir, device="cpu"):
+    emu = load_emulator(emulator_dir, device=device)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        return emu.model(input_ids=ids).logits.float().cpu()
+
+
+def _plan(emulator_dir):
+    manifest = json.loads((emulator_dir / "manifest.json").read_text())
+    return [{k: v for k, v in slot.items() if k in ("source", "ranks", "channels")} for slot in manifest["slots"]]
+
+
+def test_device_names(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    for bad, message in [("cuda", "no CUDA GPU is visible"), ("cuda:1", "no CUDA GPU is visible"),
+                         ("gpu", "must be auto, cpu, cuda or cuda:N")]:
+        with pytest.raises(UsageError, match=message):
+            resolve_device(bad)
+
+
+def test_missing_gpu_is_one_line_and_writes_nothing(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["compress", "--model", str(tiny_model_dir), "--device", "cuda", "--out", str(tmp_path / "emu")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device cuda: no CUDA GPU is visible" in err
+    assert not (tmp_path / "emu").exists()
+
+
+def test_bfloat16_weights_give_a_bfloat16_emulator_close_to_float32(tiny_model_dir, calib_file, tmp_path, capsys):
+    out = _compress(capsys, tiny_model_dir, calib_file, tmp_path / "fp32", "--device", "cpu")
+    assert "on cpu (float32)" in out
+    out = _compress(capsys, tiny_model_dir, calib_file, tmp_path / "bf16", "--device", "cpu", "--dtype", "bfloat16")
+    assert "on cpu (bfloat16)" in out
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert manifest["size"]["keep_achieved"] <= 0.5
+    fp32, bf16 = _logits(tmp_path / "fp32"), _logits(tmp_path / "bf16")
+    assert torch.isfinite(bf16).all()
+    # Statistics are accumulated in float32 either way; bf16 weights only add rounding noise.
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.05
+
+
+@cuda
+def test_gradot_on_the_gpu_builds_the_cpu_emulator(tiny_model_dir, calib_file, tmp_path, capsys):
+    _compress(capsys, tiny_model_dir, calib_file, tmp_path / "cpu", "--device", "cpu")
+    out = _compress(capsys, tiny_model_dir, calib_file, tmp_path / "gpu", "--device", "cuda")
+    assert "on cuda (float32)" in out
+    assert _plan(tmp_path / "gpu") == _plan(tmp_path / "cpu")
+    torch.testing.assert_close(_logits(tmp_path / "gpu", "cuda"), _logits(tmp_path / "cpu"), atol=2e-3, rtol=1e-3)
+
+
+@cuda
+def test_bf16_adapter_finetune_on_the_gpu_trains_only_the_adapter(tmp_path):
+    from gradot.baselines import uniform_emulator
+    from gradot.finetune import FinetuneConfig, finetune_adapter
+    from gradot.split import split_model
+
+    model = tiny_model("llama")
+    emu = uniform_emulator(model, split_model(model, 2), 0.5)
+    before = {n: t.detach().clone() for n, t in emu.model.state_dict().items()}
+    adapter = {f"model.layers.{pos}." for pos in emu.adapter_positions}
+    records = [("Question : a b Answer :", " c"), ("Question : d e Answer :", " f")] * 2
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, learning_rate=1e-2, bf16=True,
+                         logging_steps=1, save_steps=100)
+    emu, stats = finetune_adapter(emu, tiny_tokenizer(), records, cfg)
+    assert next(emu.model.parameters()).device.type == "cuda"  # the Trainer put it on the GPU
+    after = emu.model.state_dict()
+    for name, t in before.items():
+        changed = not torch.equal(t, after[name].cpu())
+        assert changed == any(name.startswith(p) for p in adapter), name
+    assert stats["steps"] == 2
