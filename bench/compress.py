@@ -161,7 +161,7 @@ def build_model(size: str, dtype, device, seed):
     if size == "default":
         model, tok = load_model("default", dtype=dtype, device=str(device))
         return model, tok
-    return random_llama(size, seed=seed, dtype=dtype).to(device), None
+    return random_llama(size, seed=seed, dtype=dtype, device=device), None
 
 
 def calibration(tok, vocab: int, args, device) -> list[torch.Tensor]:

@@ -149,7 +149,9 @@ def worker(args) -> dict:
                 rss.start()
                 self.ends.append(time.perf_counter())
                 self.seen.append(state.num_input_tokens_seen)
-            if step == args.warmup + args.steps:
+            # torch's FLOP counter rejects CUDA SDPA with grouped KV heads: count on the CPU only
+            # (the count does not depend on the machine).
+            if step == args.warmup + args.steps and not cuda:
                 from torch.utils.flop_counter import FlopCounterMode
 
                 self.counter = FlopCounterMode(display=False)

@@ -21,8 +21,9 @@ SIZES = {
 }
 
 
-def random_llama(size: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random Llama-shaped causal LM of one of ``SIZES``."""
+def random_llama(size: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A random Llama-shaped causal LM of one of ``SIZES``, initialised directly on ``device``
+    (a 1B model takes minutes to initialise on a CPU, seconds on a GPU)."""
     from transformers import LlamaConfig
 
     from gradot.modeling import random_model
@@ -30,4 +31,5 @@ def random_llama(size: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     if size not in SIZES:
         raise SystemExit(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=True)
-    return random_model(cfg, seed=seed, dtype=dtype)
+    with torch.device(device):
+        return random_model(cfg, seed=seed, dtype=dtype)

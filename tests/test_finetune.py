@@ -64,7 +64,8 @@ def _cfg(tmp_path, name="run", **kw):
 
 
 def _snapshot(model):
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+    # On the CPU: with a GPU visible the Trainer moves the model there.
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
 
 
 def _adapter_names(emu):
@@ -137,7 +138,7 @@ def test_adapter_finetune_changes_only_adapter_parameters(tmp_path):
     before = _snapshot(emu.model)
     flags = [p.requires_grad for p in emu.model.parameters()]
     emu, stats = finetune_adapter(emu, tok, RECORDS, _cfg(tmp_path))
-    after = emu.model.state_dict()
+    after = _snapshot(emu.model)
     assert set(after) == set(before)
     for name, t in before.items():
         if _is_adapter(name, emu):
@@ -160,7 +161,7 @@ def test_lora_merges_into_adapter_layers_and_plugs_in(tmp_path):
     assert len(targets) == 7 * len(emu.adapter_positions)
     before = _snapshot(emu.model)
     emu, stats = finetune_adapter(emu, tok, RECORDS, _cfg(tmp_path, lora_r=4, lora_dropout=0.1))
-    after = emu.model.state_dict()
+    after = _snapshot(emu.model)
     assert set(after) == set(before), "LoRA modules left in the model"
     assert stats["trainable_parameters"] < sum(p.numel() for p in emu.adapter_parameters())
     for name, t in before.items():
@@ -172,7 +173,7 @@ def test_lora_merges_into_adapter_layers_and_plugs_in(tmp_path):
     layers, emu_layers = decoder_layers(model), decoder_layers(emu.model)
     for src, pos in zip(emu.adapter_sources, emu.adapter_positions):
         for (n, a), (_, b) in zip(layers[src].state_dict().items(), emu_layers[pos].state_dict().items()):
-            assert torch.equal(a, b), n
+            assert torch.equal(a, b.cpu()), n
 
 
 def test_same_seed_same_weights_and_resume_matches_uninterrupted(tmp_path):
@@ -223,7 +224,7 @@ def test_full_finetune_changes_everything(tmp_path):
     before = _snapshot(model)
     model, stats = finetune_full(model, tok, RECORDS, _cfg(tmp_path, save_steps=1, learning_rate=None))
     assert stats["learning_rate"] == default_learning_rate(None, full=True)
-    after = model.state_dict()
+    after = _snapshot(model)
     assert not torch.equal(before["model.layers.2.mlp.down_proj.weight"], after["model.layers.2.mlp.down_proj.weight"])
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
@@ -244,5 +245,5 @@ def test_crash_emulator_with_shared_layers_trains_and_checkpoints(tmp_path):
     for pos, owner in shared:
         for p, q in zip(layers[pos].parameters(), layers[owner].parameters()):
             assert p is q, "layer sharing broken"
-    for name, t in emu.model.state_dict().items():
+    for name, t in _snapshot(emu.model).items():
         assert torch.equal(t, before[name]) != _is_adapter(name, emu), name

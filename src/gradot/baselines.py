@@ -33,11 +33,26 @@ def uniform_indices(n: int, m: int) -> list[int]:
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two representations of the same tokens (tokens x features)."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    cross = (y.T @ x).norm() ** 2
-    denom = (x.T @ x).norm() * (y.T @ y).norm()
-    return float(cross / denom) if denom > 0 else 0.0
+    return float(cka_matrix([x, y])[0, 1])
+
+
+def cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA of every pair of representations (each tokens x features), ``n x n`` float64.
+
+    ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with centred columns. Centring
+    and the self terms are computed once per layer, not per pair (a third of the products), on
+    the device the outputs lie on.
+    """
+    centred = [x.double() - x.double().mean(0) for x in outputs]
+    norms = [(x.T @ x).norm() for x in centred]
+    n = len(centred)
+    sim = torch.ones(n, n, dtype=torch.float64)
+    for a in range(n):
+        for b in range(a + 1, n):
+            denom = norms[a] * norms[b]
+            cross = (centred[b].T @ centred[a]).norm() ** 2
+            sim[a, b] = sim[b, a] = float(cross / denom) if denom > 0 else 0.0
+    return sim
 
 
 def cluster_adjacent(similarity: torch.Tensor, m: int) -> list[list[int]]:
@@ -89,7 +104,7 @@ def middle_layer_outputs(model: nn.Module, split: Split, batches, max_tokens: in
     for i in split.middle:
         def hook(_mod, _inp, out, i=i):
             hidden = out[0] if isinstance(out, tuple) else out
-            captured[i].append(hidden.reshape(-1, hidden.shape[-1]).float().cpu())
+            captured[i].append(hidden.reshape(-1, hidden.shape[-1]).float())  # stays on the model's device
         hooks.append(layers[i].register_forward_hook(hook))
     seen = 0
     try:
@@ -109,11 +124,9 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
     """CRaSh: cluster adjacent middle layers by CKA of their outputs, keep one per cluster and
     repeat it over the cluster's positions (depth unchanged, weights stored once)."""
     outputs = middle_layer_outputs(model, split, batches, max_tokens)
-    n = len(outputs)
-    sim = torch.ones(n, n, dtype=torch.float64)
-    for a in range(n):
-        for b in range(a + 1, n):
-            sim[a, b] = sim[b, a] = linear_cka(outputs[a], outputs[b])
+    n, tokens = len(outputs), outputs[0].shape[0]
+    sim = cka_matrix(outputs)
+    del outputs
     clusters = cluster_adjacent(sim, layers_to_keep(n, keep))
     layers = decoder_layers(model)
     middle, sources, shares = [], [], []
@@ -125,5 +138,5 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
             sources.append(split.middle[rep])
             shares.append(None if j == 0 else owner)
     settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "linkage": "complete",
-                "cka_tokens": min(max_tokens, outputs[0].shape[0])}
+                "cka_tokens": tokens}
     return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)

@@ -32,6 +32,7 @@ from .scores import (
     drd_scores,
     magnitude_channel_scores,
     scp_scores,
+    thin_svd,
     wanda_channel_scores,
 )
 from .split import Split
@@ -115,14 +116,14 @@ def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
     in_f, out_f, bias = linear_shape(module)
     W = dense_weight(module).detach()
     if f is None:  # svd ablation: no statistics needed
-        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        U, S, Vh = thin_svd(W.float())
         svd = DRDScores(U, S, Vh, S, torch.zeros_like(S), S, 1.0, 1.0, 1.0, 1.0, 0.0)
     else:
         svd = drd_scores(W, f.A, f.G, _grad(f, W, lam), lam)
     S = svd.S
     n_top = min(len(S), max(1, math.ceil(cfg.top_frac * len(S))))
-    protected = torch.arange(n_top)  # S is sorted descending
-    rest = torch.arange(n_top, len(S))
+    protected = torch.arange(n_top, device=S.device)  # S is sorted descending
+    rest = torch.arange(n_top, len(S), device=S.device)
     if cfg.selection == "gcs":
         rest = rest[svd.gcs[rest].argsort(descending=True)]
     keep_order = torch.cat([protected, rest])
