@@ -98,3 +98,35 @@ def test_bf16_adapter_finetune_on_the_gpu_trains_only_the_adapter(tmp_path):
         changed = not torch.equal(t, after[name].cpu())
         assert changed == any(name.startswith(p) for p in adapter), name
     assert stats["steps"] == 2
+
+
+def test_layers_offloaded_by_a_device_map_compress_to_the_in_memory_emulator(tiny_model_dir, calib_file, tmp_path,
+                                                                              capsys):
+    # Adapter layer 0 and middle layers 2-3 live on disk (accelerate offload, weights on the meta
+    # device between uses): statistics, scoring, copying and the fingerprint must load them.
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": ("disk" if i in (0, 2, 3) else "cpu") for i in range(6)}}
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    for method in ("gradot", "uniform"):
+        extra = ["--method", method, "--lambda-attn", "0.01", "--lambda-mlp", "0.01"]
+        _compress(capsys, tiny_model_dir, calib_file, tmp_path / f"{method}-memory", *extra)
+        out = _compress(capsys, tiny_model_dir, calib_file, tmp_path / f"{method}-offload", *extra,
+                        "--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload"))
+        assert "device map" in out
+        assert _plan(tmp_path / f"{method}-offload") == _plan(tmp_path / f"{method}-memory")
+        memory = json.loads((tmp_path / f"{method}-memory" / "manifest.json").read_text())
+        offload = json.loads((tmp_path / f"{method}-offload" / "manifest.json").read_text())
+        assert offload["base"]["fingerprint"] == memory["base"]["fingerprint"]
+        torch.testing.assert_close(_logits(tmp_path / f"{method}-offload"), _logits(tmp_path / f"{method}-memory"))
+
+
+def test_device_map_input_errors(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model.layers.0": "moon"}')
+    for extra, message in [(["--offload-dir", "x"], "need --device-map"),
+                           (["--device-map", str(bad)], "must map module names"),
+                           (["--device-map", "nowhere"], "expected auto/balanced/sequential or a JSON file"),
+                           (["--device-map", "auto", "--max-memory", "lots"], "expected DEVICE=SIZE")]:
+        code = main(["compress", "--model", str(tiny_model_dir), "--out", str(tmp_path / "emu"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err

@@ -6,13 +6,13 @@ gather what they need from the model and hand indices to ``emulator.assemble``.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .emulator import Emulator, assemble
+from .offload import plain_copy
 from .registry import decoder_layers
 from .split import Split
 
@@ -91,7 +91,7 @@ def uniform_emulator(model: nn.Module, split: Split, keep: float) -> Emulator:
     n = len(split.middle)
     chosen = [split.middle[i] for i in uniform_indices(n, layers_to_keep(n, keep))]
     layers = decoder_layers(model)
-    middle = [copy.deepcopy(layers[i]) for i in chosen]
+    middle = [plain_copy(layers[i]) for i in chosen]
     return assemble(model, split, middle, chosen, [None] * len(chosen), method="uniform", keep=keep)
 
 
@@ -134,7 +134,7 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
         rep = representative(sim, cluster)
         owner = len(middle)
         for j, _ in enumerate(cluster):
-            middle.append(copy.deepcopy(layers[split.middle[rep]]) if j == 0 else None)
+            middle.append(plain_copy(layers[split.middle[rep]]) if j == 0 else None)
             sources.append(split.middle[rep])
             shares.append(None if j == 0 else owner)
     settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "linkage": "complete",

@@ -69,6 +69,47 @@ def resolve_device(value: str) -> str:
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models larger than the device (accelerate device maps)")
+    g.add_argument("--device-map", default=None,
+                   help="auto, balanced, sequential, or a JSON file mapping module names to a GPU index, "
+                        "'cpu' or 'disk': layers that do not fit are offloaded and loaded around each use "
+                        "(overrides --device)")
+    g.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. '0=20GiB,cpu=60GiB'")
+    g.add_argument("--offload-dir", default=None, help="with --device-map: folder for layers offloaded to disk")
+
+
+def resolve_placement(args) -> dict:
+    """``load_model`` keywords for ``--device-map``/``--max-memory``/``--offload-dir`` (empty: none)."""
+    if args.device_map is None:
+        if args.max_memory or args.offload_dir:
+            raise UsageError("--max-memory and --offload-dir need --device-map")
+        return {}
+    value = args.device_map
+    if value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        device_map = value
+    else:
+        try:
+            with open(value, encoding="utf-8") as fh:
+                device_map = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--device-map: expected auto/balanced/sequential or a JSON file: {exc}") from None
+        if not isinstance(device_map, dict) or not all(
+                isinstance(k, str) and (isinstance(v, int) or v in ("cpu", "disk") or str(v).startswith("cuda"))
+                for k, v in device_map.items()):
+            raise UsageError("--device-map file must map module names to a GPU index, 'cpu' or 'disk'")
+    max_memory = None
+    if args.max_memory:
+        max_memory = {}
+        for item in args.max_memory.split(","):
+            key, sep, size = item.partition("=")
+            if not sep or not size.strip():
+                raise UsageError(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
+            key = key.strip()
+            max_memory[int(key) if key.isdigit() else key] = size.strip()
+    return {"device_map": device_map, "max_memory": max_memory, "offload_dir": args.offload_dir}
+
+
 def resolve_dtype(name: str):
     import torch
 
@@ -100,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory of the emulator")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_device(p)
+    _add_placement(p)
     _add_calibration(p)
     _add_method_options(p)
 
@@ -146,8 +188,11 @@ def cmd_compress(args) -> int:
     from .modeling import load_model
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    placement = resolve_placement(args)
+    if placement:
+        device = f"device map {args.device_map}"
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     emulator = compress(model, tok, args)

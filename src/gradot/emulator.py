@@ -9,13 +9,13 @@ rebuild the architecture without the original model.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .registry import arch_of, decoder_layers, set_module
+from .offload import plain_copy
 from .split import Split, fingerprint
 from .surgery import layer_shapes, set_depth, shared_copy, unique_parameter_count
 
@@ -61,7 +61,7 @@ def _copy_without_layers(model: nn.Module) -> nn.Module:
     layers = decoder_layers(model)
     set_module(model, arch.layers, nn.ModuleList())
     try:
-        return copy.deepcopy(model)
+        return plain_copy(model)
     finally:
         set_module(model, arch.layers, layers)
 
@@ -90,8 +90,8 @@ def assemble(
     arch = arch_of(model)
     original = decoder_layers(model)
     emu = _copy_without_layers(model)
-    bottom = [copy.deepcopy(original[i]) for i in split.bottom]
-    top = [copy.deepcopy(original[i]) for i in split.top]
+    bottom = [plain_copy(original[i]) for i in split.bottom]
+    top = [plain_copy(original[i]) for i in split.top]
     offset = len(bottom)
     middle = [shared_copy(middle[s]) if s is not None else m for m, s in zip(middle, middle_shares)]
     layers = bottom + middle + top

