@@ -357,7 +357,9 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
     for ls in scores:
         if ls.index in plan.dropped:
             continue
-        layer = plain_copy(originals[ls.index])
+        # Built where its scores were computed: with a device map a layer's weights may rest on
+        # the CPU while it runs (and is scored) on the GPU.
+        layer = plain_copy(originals[ls.index]).to(ls.mlp.keep_order.device)
         for m in ls.attn:
             r = plan.ranks[ls.index][m.name]
             if r is not None:

@@ -90,6 +90,7 @@ def lowrank_saves_params(in_f: int, out_f: int, rank: int) -> bool:
 def _slice_linear(module: nn.Module, keep: torch.Tensor, dim: str) -> nn.Module:
     """Keep output units (``dim='out'``) or input units (``dim='in'``) ``keep`` of a linear."""
     w = dense_weight(module).detach()
+    keep = keep.to(w.device)
     w = w[keep] if dim == "out" else w[:, keep]
     bias = module.bias
     if bias is not None and dim == "out":
