@@ -257,7 +257,8 @@ def plot(table: dict, cfg: PipelineConfig, path: Path) -> None:
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(cfg.tasks))], cfg.tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{cfg.model}, keep {cfg.keep}")
-    ax.legend(fontsize=7, ncol=2)
+    # Below the axes: inside them the legend hid the tallest bars.
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
