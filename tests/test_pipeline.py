@@ -27,6 +27,10 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     info = json.loads((out / "results.json").read_text())
     assert info["cells"]["Full ZS"]["piqa"]["n"] == 4
     assert 0 <= info["table"]["uniform: Plug-in"]["avg"][0] <= 1
+    cell = info["cells"]["uniform: Plug-in"]["piqa"]
+    assert info["table_acc_norm"]["uniform: Plug-in"]["piqa"] == [cell["acc_norm"], cell["acc_norm_stderr"]]
+    assert "acc_norm (length-normalised" in table
+    assert "s/step, loss" in table.split("Cost per cell")[1]  # training cost of the fine-tuned rows
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "adapters" / "uniform-keep0.5-piqa" / "adapter.safetensors").exists()
     # Resume: a killed run loses at most its unfinished cell; finished cells are not recomputed.

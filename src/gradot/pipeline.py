@@ -174,18 +174,9 @@ class Pipeline:
     # -- report -------------------------------------------------------------------------------
     def report(self, cells: dict[str, dict[str, dict]]) -> dict:
         c = self.cfg
-        table: dict[str, dict[str, tuple[float, float]]] = {}
-        for row, per_task in cells.items():
-            table[row] = {t: _metric(r)[1:] for t, r in per_task.items()}
-        for method in c.methods:
-            ft, pl = table.get(f"{method}: Emu FT", {}), table.get(f"{method}: Plug-in", {})
-            table[f"{method}: Δ"] = {
-                t: (pl[t][0] - ft[t][0], math.hypot(pl[t][1], ft[t][1])) for t in c.tasks if t in ft and t in pl
-            }
-        for row in table.values():
-            if len(row) == len(c.tasks):
-                row["avg"] = (sum(v[0] for v in row.values()) / len(c.tasks),
-                              math.sqrt(sum(v[1] ** 2 for v in row.values())) / len(c.tasks))
+        table = build_table(cells, c.tasks, c.methods, lambda r: _metric(r)[1:])
+        norm = build_table(cells, c.tasks, c.methods,
+                           lambda r: (r["acc_norm"], r.get("acc_norm_stderr", float("nan"))) if "acc_norm" in r else None)
         info = {
             "command": c.command,
             "git_commit": _git_commit(),
@@ -194,12 +185,31 @@ class Pipeline:
             "config": asdict(c),
             "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
             "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
+            "table_acc_norm": {r: {t: list(v) for t, v in row.items()} for r, row in norm.items() if row},
             "cells": cells,
         }
         (self.out / "results.json").write_text(json.dumps(info, indent=1))
         (self.out / "results.md").write_text(markdown_table(info, c.tasks))
         plot(table, c, self.out / "results.png")
         return info
+
+
+def build_table(cells: dict[str, dict[str, dict]], tasks: list[str], methods: list[str], pick) -> dict:
+    """``{row: {task: (value, stderr)}}`` from the cells, ``pick(result)`` choosing the metric (None:
+    the task has none), plus a Δ row per method and an ``avg`` column where every task has a value."""
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for row, per_task in cells.items():
+        table[row] = {t: v for t, r in per_task.items() if (v := pick(r)) is not None}
+    for method in methods:
+        ft, pl = table.get(f"{method}: Emu FT", {}), table.get(f"{method}: Plug-in", {})
+        table[f"{method}: Δ"] = {
+            t: (pl[t][0] - ft[t][0], math.hypot(pl[t][1], ft[t][1])) for t in tasks if t in ft and t in pl
+        }
+    for row in table.values():
+        if row and len(row) == len(tasks):
+            row["avg"] = (sum(v[0] for v in row.values()) / len(tasks),
+                          math.sqrt(sum(v[1] ** 2 for v in row.values())) / len(tasks))
+    return table
 
 
 def plug_adapter_into_emulator(emulator, adapter_dir: Path) -> None:
@@ -230,13 +240,36 @@ def markdown_table(info: dict, tasks: list[str]) -> str:
         f"Command: `{info['command']}`  ",
         f"Commit {info['git_commit']}; {info['date']}; {info['machine']}  ",
         f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
-        "| row | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
     ]
-    for row, values in info["table"].items():
+    lines += _table_lines(info["table"], cols)
+    if info.get("table_acc_norm"):
+        lines += ["", "acc_norm (length-normalised log-likelihood), where the harness reports it:", ""]
+        lines += _table_lines(info["table_acc_norm"], cols)
+    lines += ["", "Cost per cell: seconds per evaluated example; for fine-tuned rows also seconds per training "
+              "step (batch of the settings above) and the final training loss.", ""]
+    lines += ["| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for row, per_task in info["cells"].items():
+        out = []
+        for t in tasks:
+            r = per_task.get(t)
+            if r is None:
+                out.append("–")
+                continue
+            text = f"{r.get('seconds_per_example', float('nan')):.3f} s/ex"
+            training = r.get("training") or {}
+            if training.get("seconds_per_step"):
+                text += f", {training['seconds_per_step']:.2f} s/step, loss {training.get('train_loss', float('nan')):.2f}"
+            out.append(text)
+        lines.append(f"| {row} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _table_lines(table: dict, cols: list[str]) -> list[str]:
+    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row, values in table.items():
         cells = [f"{100 * values[c][0]:.1f} ± {100 * values[c][1]:.1f}" if c in values else "–" for c in cols]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(table: dict, cfg: PipelineConfig, path: Path) -> None:
