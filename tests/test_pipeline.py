@@ -41,6 +41,14 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     assert "uniform-plugin-arc_easy.json" in after
     assert all(after[name] == t for name, t in before.items())
+    # Report only: the table from the cells there are, a missing one shown as '–', nothing computed.
+    (out / "cells" / "crash-emu_ft-piqa.json").unlink()
+    code, _, err = run(capsys, *argv, "--report-only", "--model", "no-model-needed")
+    assert code == 0, err
+    assert not (out / "cells" / "crash-emu_ft-piqa.json").exists()
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| crash: Emu FT |"))
+    assert row.split(" | ")[1] == "–"  # piqa missing, arc_easy present, no average
+    assert json.loads((out / "results.json").read_text())["table"]["crash: Emu FT"].keys() == {"arc_easy"}
 
 
 def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):

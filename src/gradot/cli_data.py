@@ -76,6 +76,9 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the task files")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
     p.add_argument("--out", default="runs/pipeline", help="output folder (cells are cached here; rerun to resume)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table, JSON and plot from the cells already computed (missing ones show '–'); "
+                        "loads no model, computes nothing")
     _add_device(p)
     _training_arguments(p)
     _add_calibration(p)
@@ -162,10 +165,11 @@ def cmd_pipeline(args) -> int:
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
-        bf16=args.bf16, compress_args={k: getattr(args, k) for k in compress_keys},
+        bf16=args.bf16, report_only=args.report_only, compress_args={k: getattr(args, k) for k in compress_keys},
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
-    model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device)
+    model, tok = (None, None) if args.report_only else load_model(args.model, dtype=resolve_dtype(args.dtype),
+                                                                    device=cfg.device)
     info = Pipeline(cfg, model, tok).run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.md, results.json, results.png")

@@ -56,6 +56,7 @@ class PipelineConfig:
     bf16: bool = False  # bf16 mixed-precision fine-tuning
     compress_args: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    report_only: bool = False  # build the table from the cells already computed; compute nothing
 
 
 def _metric(result: dict[str, float]) -> tuple[str, float, float]:
@@ -71,6 +72,8 @@ class Pipeline:
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.out = Path(cfg.out)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        if cfg.report_only:  # no model needed to read cells
+            return
         # Plug-in only ever writes the adapter layers: remember them to restore the original after.
         split = Split(len(decoder_layers(model)), cfg.compress_args.get("adapter_layers", 2))
         self.original_adapter = {k: v.detach().clone() for k, v in adapter_state_dict(model, split.adapter).items()}
@@ -81,6 +84,8 @@ class Pipeline:
         path = self.out / "cells" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
+        if self.cfg.report_only:
+            return None
         t0 = time.perf_counter()
         value = compute()
         value["seconds"] = round(time.perf_counter() - t0, 1)
@@ -115,7 +120,7 @@ class Pipeline:
     # -- steps --------------------------------------------------------------------------------
     def emulator(self, method: str):
         folder = self.out / "emulators" / f"{method}-keep{self.cfg.keep}"
-        if not (folder / "manifest.json").exists():
+        if not (folder / "manifest.json").exists() and not self.cfg.report_only:
             from argparse import Namespace
 
             from .methods import compress
@@ -140,6 +145,7 @@ class Pipeline:
                 adapter_dir = self.out / "adapters" / f"{method}-keep{c.keep}-{task}"
                 row("Emu FT")[task] = self._cell(f"{method}-emu_ft-{task}", lambda: self._emu_ft(emu_dir, adapter_dir, task))
                 row("Plug-in")[task] = self._cell(f"{method}-plugin-{task}", lambda: self._plugin(adapter_dir, task))
+        cells = {row: {t: v for t, v in per_task.items() if v is not None} for row, per_task in cells.items()}
         return self.report(cells)
 
     def _emu_ft(self, emu_dir: Path, adapter_dir: Path, task: str) -> dict:
