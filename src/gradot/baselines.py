@@ -6,7 +6,6 @@ gather what they need from the model and hand indices to ``emulator.assemble``.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
