@@ -8,6 +8,7 @@ from transformers import TrainerCallback
 from gradot.artifacts import plug_in, save_adapter
 from gradot.baselines import crash_emulator, uniform_emulator
 from gradot.finetune import (
+    CheckpointConflictError,
     TASK_LR,
     TRAINABLE_FILE,
     CausalLMCollator,
@@ -194,6 +195,23 @@ def test_same_seed_same_weights_and_resume_matches_uninterrupted(tmp_path):
     assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps"] == 4 and stats["steps_this_run"] == 2
     for (n, x), y in zip(a.model.state_dict().items(), c.model.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-5, rtol=0), f"{n}: resumed run differs by {(x - y).abs().max():.2e}"
+
+
+def test_checkpoints_of_another_run_are_refused_not_mixed_in(tmp_path):
+    tok = tiny_tokenizer()
+    _, emu = _emulator()
+    finetune_adapter(emu, tok, RECORDS, _cfg(tmp_path, "x", save_steps=1))
+    # Without resume: the folder's checkpoints would outlive this run's in the Trainer's rotation.
+    with pytest.raises(CheckpointConflictError, match="resume"):
+        finetune_adapter(_emulator()[1], tok, RECORDS, _cfg(tmp_path, "x"))
+    # Resume with another learning rate, or on other data: not the run the checkpoints belong to.
+    with pytest.raises(CheckpointConflictError, match="learning_rate: 0.01 -> 0.001"):
+        finetune_adapter(_emulator()[1], tok, RECORDS, _cfg(tmp_path, "x", resume=True, learning_rate=1e-3))
+    with pytest.raises(CheckpointConflictError, match="data_sha256"):
+        finetune_adapter(_emulator()[1], tok, RECORDS[:-1], _cfg(tmp_path, "x", resume=True))
+    # The same run resumes (a longer one too: resuming also continues training).
+    _, stats = finetune_adapter(_emulator()[1], tok, RECORDS, _cfg(tmp_path, "x", resume=True, max_steps=3))
+    assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps_this_run"] == 1
 
 
 class _Crash(TrainerCallback):

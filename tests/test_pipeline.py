@@ -13,7 +13,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_file, tmp_path, capsys):
+def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["pipeline", "--model", tiny_model_dir, "--method", "uniform,crash", "--tasks", "piqa,arc_easy",
             "--keep", "0.5", "--limit", "4", "--train-limit", "8", "--max-steps", "2", "--train-batch-size", "4",
@@ -43,12 +43,23 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     assert all(after[name] == t for name, t in before.items())
     # Report only: the table from the cells there are, a missing one shown as '–', nothing computed.
     (out / "cells" / "crash-emu_ft-piqa.json").unlink()
-    code, _, err = run(capsys, *argv, "--report-only", "--model", "no-model-needed")
+
+    def no_model(*a, **k):
+        raise AssertionError("--report-only loaded a model")
+
+    monkeypatch.setattr("gradot.modeling.load_model", no_model)
+    code, _, err = run(capsys, *argv, "--report-only")
     assert code == 0, err
     assert not (out / "cells" / "crash-emu_ft-piqa.json").exists()
     row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| crash: Emu FT |"))
     assert row.split(" | ")[1] == "–"  # piqa missing, arc_easy present, no average
     assert json.loads((out / "results.json").read_text())["table"]["crash: Emu FT"].keys() == {"arc_easy"}
+    # Cells are keyed by method and task only: other settings must not reuse them (checked before
+    # any model is loaded), while the evaluation batch size or one more task may change.
+    code, _, err = run(capsys, *argv, "--keep", "0.4", "--train-limit", "6")
+    assert code == 2 and "other settings (keep: 0.5 -> 0.4; train_limit: 8 -> 6)" in err
+    code, _, err = run(capsys, *argv, "--report-only", "--eval-batch-size", "2", "--tasks", "piqa")
+    assert code == 0, err
 
 
 def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
@@ -58,6 +69,17 @@ def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
                          "--max-steps", "2", "--train-batch-size", "4", "--out", tmp_path / "adapter")
     assert code == 0, err
     assert "adapter written to" in out and "s/step" in out
+    again = ["finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8", "--max-steps", "2",
+             "--train-batch-size", "4", "--out", tmp_path / "adapter"]
+    code, _, err = run(capsys, *again)  # refused before training, not after
+    assert code == 2 and "already exists" in err
+    code, _, err = run(capsys, *again, "--overwrite")  # its checkpoints would be mixed into a new run
+    assert code == 2 and "--resume" in err
+    code, out, err = run(capsys, *again, "--overwrite", "--resume")  # the finished run: nothing left to do
+    assert code == 0 and "no step to run" in out, err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--emulator", str(emu), "--task", "wikitext", "--out", str(tmp_path / "a2")])
+    assert "unknown task" in capsys.readouterr().err
     code, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--adapter", tmp_path / "adapter",
                          "--tasks", "sciq", "--limit", "3", "--json", tmp_path / "r.json")
     assert code == 0, err
@@ -69,6 +91,9 @@ def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
 def test_pipeline_rejects_unknown_task_and_method(capsys):
     with pytest.raises(SystemExit):
         main(["pipeline", "--tasks", "piqa,nosuchtask"])
+    assert "unknown task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # perplexity only: no training data to fine-tune on
+        main(["pipeline", "--tasks", "wikitext"])
     assert "unknown task" in capsys.readouterr().err
     code, _, err = run(capsys, "pipeline", "--method", "magic", "--tasks", "piqa")
     assert code == 2 and "unknown method" in err

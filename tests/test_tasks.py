@@ -74,9 +74,9 @@ KNOWN = [
     ("sciq", 0, None, "oxidants"),
     ("sciq", 35, "\nQuestion: In what type of animals may a body cavity be present or absent?\nAnswer:",
      "triploblastic"),
-    ("race", 0, None, "sought to eliminate monopolies in favor of competition in the market-place"),
-    ("race", 1, None, "are more likely to exist in a competitive market economy"),
-    ("race", 2, None, "were worried that trusts might manipulate the government"),
+    # race validation: one doc per passage, its last question (passage 1 has 3, passage 2 has 5)
+    ("race", 0, None, "were worried that trusts might manipulate the government"),
+    ("race", 1, None, "Bargaining is disappearing with the development of society."),
 ]
 
 
@@ -105,9 +105,16 @@ def test_webqs_choices_drops_extensions_of_kept_answers():
     assert webqs_choices(["New York City", "New York", "Albany"]) == ["Albany", "New York"]
 
 
-def test_race_has_one_example_per_question_with_earlier_ones_solved():
-    examples = load_task("race", "validation", DATA, limit=3)
-    first, second, third = examples
+def _first_race_passage():
+    loc, row = next(TASKS["race"].reader(task_files("race", "validation", DATA)))
+    return loc, row
+
+
+def test_race_trains_on_every_question_with_earlier_ones_solved():
+    loc, row = _first_race_passage()
+    examples = list(TASKS["race"].convert(row, loc))
+    assert len(examples) == len(row["questions"]) >= 3
+    first, second, third = examples[:3]
     assert first.prompt.startswith("Article: One thinks of princes and presidents")
     assert first.prompt.endswith("\n\nThe Sherman Antitrust Act  _  .")
     # Fill-in-the-blank question 1 is shown with its answer spliced in.
@@ -115,6 +122,13 @@ def test_race_has_one_example_per_question_with_earlier_ones_solved():
             "in the market-place\nOne might infer from this passage that lower prices   _  .") in second.prompt
     assert second.prompt.endswith("lower prices   _  .")
     assert third.prompt.startswith(second.prompt.rsplit("\n", 1)[0])
+
+
+def test_race_evaluates_the_last_question_of_each_passage_as_the_harness():
+    loc, row = _first_race_passage()
+    every = list(TASKS["race"].convert(row, loc))
+    (first_doc,) = load_task("race", "validation", DATA, limit=1)
+    assert first_doc.prompt == every[-1].prompt and first_doc.gold == every[-1].gold
 
 
 def test_full_split_sizes_match_the_readme():
@@ -166,7 +180,7 @@ def _hf_docs(name: str, rows: list[dict]) -> list[dict]:
         for r in rows:
             problems = [{"answer": a, "options": o, "question": q}
                         for q, o, a in zip(r["questions"], r["options"], r["answers"])]
-            docs += [{"article": r["article"], "problems": repr(problems[: k + 1])} for k in range(len(problems))]
+            docs.append({"article": r["article"], "problems": repr(problems)})
         return docs
     return rows
 
@@ -216,7 +230,7 @@ PARITY_ROWS = {"hellaswag": 660, "sciq": 40, "arc_challenge": 211, "race": 2, "w
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_prompts_and_choices_equal_the_harness(name, tmp_path):
     docs = _hf_docs(name, _raw_rows(name, PARITY_ROWS.get(name, 6)))
-    ours = load_task(name, "validation", DATA, limit=len(docs))  # race: one doc per question
+    ours = load_task(name, "validation", DATA, limit=len(docs))
     theirs = _harness_render(name, docs, tmp_path)
     assert len(theirs) == len(docs) == len(ours)
     for ex, (text, choices, target) in zip(ours, theirs):
@@ -273,6 +287,16 @@ MALFORMED = [
      "validation.jsonl.gz", 1, "options[0]"),
     ("race", {"validation.jsonl.gz": [{**GOOD_RACE, "answers": ["A", "B"]}]},
      "validation.jsonl.gz", 1, "answers"),
+    # substrings of "ABCD" are not letters
+    ("race", {"validation.jsonl.gz": [GOOD_RACE, {**GOOD_RACE, "answers": ["BC"]}]},
+     "validation.jsonl.gz", 2, "answers[0]"),
+    ("race", {"validation.jsonl.gz": [{**GOOD_RACE, "answers": [""]}]},
+     "validation.jsonl.gz", 1, "answers[0]"),
+    # a superscript two passes str.isdigit() but is no label
+    ("hellaswag", {"validation.jsonl": json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c",
+                                                   "endings": ["x", "y"], "label": "\u00b2"}) + "\n"},
+     "validation.jsonl", 1, "label"),
+    ("sciq", {"validation.json": "[]\n[]\n"}, "validation.json", 2, None),
 ]
 
 

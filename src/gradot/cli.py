@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     expected = (ArtifactError, CalibrationError, ModelLoadError, UnsupportedModelError, SplitError, UsageError,
                 FileNotFoundError)
     try:
-        from .tasks import TaskDataError  # noqa: F401  (data owner's errors, when present)
-        expected = expected + (TaskDataError,)
+        from .finetune import CheckpointConflictError
+        from .pipeline import PipelineSettingsError
+        from .tasks import TaskDataError  # (data owner's errors, when present)
+        expected = expected + (TaskDataError, CheckpointConflictError, PipelineSettingsError)
     except ImportError:
         pass
     try:

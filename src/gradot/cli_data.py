@@ -9,14 +9,34 @@ import sys
 from pathlib import Path
 
 
+def _task_list(value: str, known: tuple[str, ...]) -> list[str]:
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [t for t in names if t not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or value!r}; known: {', '.join(known)}")
+    return names
+
+
 def _tasks(value: str) -> list[str]:
+    """Tasks to evaluate: the eight tasks and wikitext (perplexity)."""
     from .lmeval_tasks import EVAL_TASKS
 
-    names = [t.strip() for t in value.split(",") if t.strip()]
-    unknown = [t for t in names if t not in EVAL_TASKS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or value!r}; known: {', '.join(EVAL_TASKS)}")
-    return names
+    return _task_list(value, EVAL_TASKS)
+
+
+def _train_tasks(value: str) -> list[str]:
+    """Tasks with training data (the pipeline fine-tunes on each): the eight tasks."""
+    from .tasks import TASK_NAMES
+
+    return _task_list(value, TASK_NAMES)
+
+
+def _train_task(value: str) -> str:
+    from .tasks import TASK_NAMES
+
+    if value not in TASK_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown task {value!r}; known: {', '.join(TASK_NAMES)}")
+    return value
 
 
 def _training_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +59,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
     p.add_argument("--emulator", required=True, help="emulator directory from the model owner")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="one of the eight offsite-tuning tasks (train split)")
+    src.add_argument("--task", type=_train_task, help="one of the eight offsite-tuning tasks (train split)")
     src.add_argument("--data", help="your own data: .txt, JSONL with 'text', or Alpaca-style instruction JSON")
     p.add_argument("--data-dir", default=None, help="folder with the task files (default: the shared data)")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
@@ -67,7 +87,7 @@ def add_commands(sub) -> None:
     _add_model(p)
     p.add_argument("--method", default="uniform",
                    help=f"emulator method(s), comma-separated, from: {', '.join(sorted(METHODS))}")
-    p.add_argument("--tasks", type=_tasks, default=["piqa"], help="comma-separated tasks")
+    p.add_argument("--tasks", type=_train_tasks, default=["piqa"], help="comma-separated tasks (with training data)")
     p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep")
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
@@ -101,8 +121,13 @@ def _records(args):
 
 def cmd_finetune(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
+    from .cli import UsageError
     from .finetune import FinetuneConfig, finetune_adapter
 
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        # Checked before training, not after it: the adapter could not be written.
+        raise UsageError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
     emulator = load_emulator(args.emulator)
     tok = load_emulator_tokenizer(args.emulator)
     cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
@@ -116,8 +141,10 @@ def cmd_finetune(args) -> int:
         return 0
     save_adapter(emulator, args.out, training={k: v for k, v in stats.items() if k != "loss_history"},
                  overwrite=args.overwrite)
-    print(f"adapter written to {args.out}: {stats['steps']} steps, final loss {stats['train_loss']:.4f}, "
-          f"{stats['seconds_per_step']:.2f} s/step, {stats['tokens_per_second']:.0f} tokens/s")
+    speed = (f", {stats['seconds_per_step']:.2f} s/step, {stats['tokens_per_second']:.0f} tokens/s"
+             if stats["steps_this_run"] and stats["tokens_per_second"] else " (no step to run: resumed a finished run)")
+    loss = f"{stats['train_loss']:.4f}" if stats["train_loss"] is not None else "n/a"
+    print(f"adapter written to {args.out}: {stats['steps']} steps, final loss {loss}{speed}")
     return 0
 
 
@@ -152,7 +179,7 @@ def cmd_pipeline(args) -> int:
     from .cli import UsageError, resolve_device, resolve_dtype
     from .methods import METHODS
     from .modeling import load_model
-    from .pipeline import Pipeline, PipelineConfig
+    from .pipeline import Pipeline, PipelineConfig, cell_settings, claim_output_folder
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -166,8 +193,11 @@ def cmd_pipeline(args) -> int:
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
         bf16=args.bf16, report_only=args.report_only, compress_args={k: getattr(args, k) for k in compress_keys},
+        dtype=args.dtype,
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+    # Settings that the output folder's cells were not computed with fail here, before the model loads.
+    claim_output_folder(Path(cfg.out), cell_settings(cfg), record=not cfg.report_only)
     model, tok = (None, None) if args.report_only else load_model(args.model, dtype=resolve_dtype(args.dtype),
                                                                     device=cfg.device)
     info = Pipeline(cfg, model, tok).run()

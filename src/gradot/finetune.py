@@ -35,10 +35,17 @@ as an uninterrupted run of the same seed. The optimizer, scheduler and RNG files
 (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``) are the ``Trainer``'s own, written by it into
 the checkpoint and read back by it with ``torch.load(weights_only=True)``; model weights are never
 read from a pickle, and no ``training_args.bin`` pickle is written.
+
+``output_dir/gradot_run.json`` records the settings and a hash of the data the checkpoints were
+trained with. A run refuses a folder holding checkpoints unless it resumes, and a resume refuses
+checkpoints trained with other settings or data (either would silently mix two runs); only the
+length (``max_steps``, ``epochs``) may change on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -61,6 +68,7 @@ __all__ = [
     "TASK_LR",
     "TRAINABLE_FILE",
     "CausalLMCollator",
+    "CheckpointConflictError",
     "FinetuneConfig",
     "FinetuneDataset",
     "default_learning_rate",
@@ -96,6 +104,16 @@ FULL_LR: dict[str, float] = {"default": 2e-5}
 #: File name of the trainable parameters inside a checkpoint folder.
 TRAINABLE_FILE = "trainable.safetensors"
 _TRAINER_STATE = "trainer_state.json"
+#: The settings (and a hash of the data) the checkpoints in ``output_dir`` were trained with.
+RUN_FILE = "gradot_run.json"
+#: Settings that do not change what is trained: where and how often to save or log, whether to resume.
+_BOOKKEEPING = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "resume")
+#: Settings a resumed run may change: how long to train.
+_LENGTH = ("max_steps", "epochs")
+
+
+class CheckpointConflictError(ValueError):
+    """``output_dir`` holds checkpoints that this run must not silently reuse or overwrite."""
 
 
 def default_learning_rate(task: str | None, full: bool = False) -> float:
@@ -493,7 +511,51 @@ def _meter():
     return RunMeter()
 
 
-def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rate: float, callbacks) -> dict[str, Any]:
+def _run_settings(cfg: FinetuneConfig, learning_rate: float, mode: str, records) -> dict[str, Any]:
+    """What decides the trained weights: the config (less bookkeeping), the resolved learning rate,
+    adapter or full training, and the data (hashed: records are strings or (prompt, answer) pairs)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _BOOKKEEPING}
+    data = json.dumps(list(records), ensure_ascii=False).encode()
+    settings.update(learning_rate=learning_rate, mode=mode, data_sha256=hashlib.sha256(data).hexdigest())
+    return settings
+
+
+def _claim_checkpoint_folder(cfg: FinetuneConfig, settings: dict[str, Any]) -> None:
+    """Refuse checkpoints of another run; record this run's settings beside its checkpoints.
+
+    Without ``resume`` an existing checkpoint would be mixed into this run (the Trainer rotates
+    checkpoints by step number, so an older run's later steps would outlive this run's); with
+    ``resume`` a checkpoint trained with other settings would continue as if it were this run.
+    """
+    folder = Path(cfg.output_dir)
+    record = folder / RUN_FILE
+    has_checkpoints = folder.is_dir() and any(c.is_dir() for c in folder.glob("checkpoint-*"))
+    if has_checkpoints and not cfg.resume:
+        raise CheckpointConflictError(
+            f"{folder} already holds checkpoints of an earlier run: resume it (--resume) or remove them")
+    if has_checkpoints and record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointConflictError(f"{record}: unreadable ({exc}); cannot tell which run it belongs to") from None
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        longer = [c for c in changed if c.split(":")[0] in _LENGTH]
+        if longer:  # continuing a run for more (or fewer) steps is what resuming is also for
+            log.warning("resuming %s with another length (%s)", folder, "; ".join(longer))
+            changed = [c for c in changed if c not in longer]
+        if changed:
+            raise CheckpointConflictError(
+                f"{folder}: its checkpoints were trained with other settings ({'; '.join(changed)}); "
+                "use another checkpoint folder or remove them")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f"{RUN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(record)
+
+
+def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rate: float, callbacks,
+         mode: str) -> dict[str, Any]:
+    _claim_checkpoint_folder(cfg, _run_settings(cfg, learning_rate, mode, records))
     dataset = FinetuneDataset(tokenizer, records, cfg.max_length)
     meter = _meter()
     trainer = _trainer_class()(
@@ -573,13 +635,13 @@ def _finetune(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, *, posi
             peft_model = _with_lora(model, positions, cfg)  # freezes all but the LoRA matrices
             stats["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(peft_model).values())
             try:
-                stats.update(_run(peft_model, tokenizer, records, cfg, lr, callbacks))
+                stats.update(_run(peft_model, tokenizer, records, cfg, lr, callbacks, stats["mode"]))
             finally:
                 # Fold the LoRA product into the base weights: the adapter leaves as plain tensors.
                 model = peft_model.merge_and_unload()
         else:
             stats["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(model).values())
-            stats.update(_run(model, tokenizer, records, cfg, lr, callbacks))
+            stats.update(_run(model, tokenizer, records, cfg, lr, callbacks, stats["mode"]))
     stats["config"] = asdict(cfg)
     return model, stats
 

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 ROWS = ("Full ZS", "Full FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
 
+#: The output folder's record of the settings its cells were computed with.
+SETTINGS_FILE = "settings.json"
+#: Compression arguments that change how fast, not what, is computed.
+_RUNTIME_COMPRESS_ARGS = ("batch_size", "gradient_checkpointing", "layers_per_pass")
+
+
+class PipelineSettingsError(ValueError):
+    """The output folder holds cells computed with other settings."""
+
 
 @dataclass
 class PipelineConfig:
@@ -55,6 +64,7 @@ class PipelineConfig:
     device: str = "cpu"  # where the models are evaluated (fine-tuning: transformers' Trainer decides)
     bf16: bool = False  # bf16 mixed-precision fine-tuning
     compress_args: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # the weights' dtype for compression and evaluation
     command: str = ""
     report_only: bool = False  # build the table from the cells already computed; compute nothing
 
@@ -67,10 +77,49 @@ def _metric(result: dict[str, float]) -> tuple[str, float, float]:
     raise KeyError(f"no accuracy metric in {sorted(result)}")
 
 
+def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The settings every cell's value depends on (cell keys name only method and task).
+
+    Which methods and tasks run, where, and how large the evaluation batches are do not enter:
+    a folder may be filled one task or method at a time, on any device.
+    """
+    return {
+        "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
+        "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "seed": cfg.seed,
+        "data_dir": cfg.data_dir, "bf16": cfg.bf16,
+        "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in _RUNTIME_COMPRESS_ARGS},
+    }
+
+
+def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True) -> None:
+    """Refuse a folder whose cells were computed with other settings; record ours otherwise.
+
+    A folder with cells but no record (made before records existed) is adopted as it is.
+    """
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as exc:
+            raise PipelineSettingsError(f"{path}: unreadable ({exc})") from None
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise PipelineSettingsError(
+                f"{out} holds cells computed with other settings ({'; '.join(changed)}): "
+                "use another --out, or remove the folder to start over")
+    elif record:
+        if any((out / "cells").glob("*.json")):
+            log.warning("%s: cells without a settings record; recording the current settings for them", out)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, model, tokenizer):
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.out = Path(cfg.out)
+        claim_output_folder(self.out, cell_settings(cfg), record=not cfg.report_only)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         if cfg.report_only:  # no model needed to read cells
             return

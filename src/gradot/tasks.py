@@ -301,22 +301,23 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     if pos == len(text) or text[pos] != "[":
         raise TaskDataError(path, line_of(pos), None, "expected a JSON list of objects")
     pos = ws.match(text, pos + 1).end()
-    if text.startswith("]", pos):
-        return
-    while True:
-        try:
-            item, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(path, e.lineno, None, f"invalid JSON ({e.msg})") from None
-        yield line_of(pos), item
-        pos = ws.match(text, end).end()
-        if text.startswith("]", pos):
-            break
-        if not text.startswith(",", pos):
-            raise TaskDataError(path, line_of(pos), None, "invalid JSON (expected ',' or ']')")
-        pos = ws.match(text, pos + 1).end()
-    if ws.match(text, pos + 1).end() != len(text):
-        raise TaskDataError(path, line_of(pos + 1), None, "invalid JSON (extra data after the list)")
+    if not text.startswith("]", pos):  # a non-empty list: items separated by commas
+        while True:
+            try:
+                item, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(path, e.lineno, None, f"invalid JSON ({e.msg})") from None
+            yield line_of(pos), item
+            pos = ws.match(text, end).end()
+            if text.startswith("]", pos):
+                break
+            if not text.startswith(",", pos):
+                raise TaskDataError(path, line_of(pos), None, "invalid JSON (expected ',' or ']')")
+            pos = ws.match(text, pos + 1).end()
+    # `pos` is at the closing bracket: nothing but whitespace may follow it.
+    extra = ws.match(text, pos + 1).end()
+    if extra != len(text):
+        raise TaskDataError(path, line_of(extra), None, "invalid JSON (extra data after the list)")
 
 
 def _rows(reader: Callable[[Path], Iterator[tuple[int, Any]]], path: Path) -> Iterator[tuple[_Loc, dict]]:
@@ -390,7 +391,7 @@ def _str_list(row: Mapping, key: str, loc: _Loc, name: str | None = None, min_le
 
 def _index_label(value: Any, n: int, loc: _Loc, name: str) -> int:
     """An integer label (int or digit string, as in HF exports) in ``range(n)``."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
         raise loc.error(name, f"expected an index in 0..{n - 1}, got {value!r}")
@@ -483,11 +484,16 @@ def _race(row: dict, loc: _Loc) -> Iterator[Example]:
         opts = _str_list({"o": options[k]}, "o", loc, f"options[{k}]", min_len=4)
         if len(opts) != 4:
             raise loc.error(f"options[{k}]", f"expected 4 options, got {len(opts)}")
-        if answers[k] not in _RACE_LETTERS:
+        if answers[k] not in tuple(_RACE_LETTERS):
             raise loc.error(f"answers[{k}]", f"expected one of A, B, C, D, got {answers[k]!r}")
         gold = _RACE_LETTERS.index(answers[k])
         yield MCExample(race_prompt(article, solved, question), opts, gold)
         solved.append((question, opts[gold]))
+
+
+def _race_last(row: dict, loc: _Loc) -> Iterator[Example]:
+    """Evaluation: the harness makes one doc per passage and scores its last question only."""
+    yield from list(_race(row, loc))[-1:]  # every question is still checked
 
 
 # --------------------------------------------------------------------------- registry
@@ -502,6 +508,8 @@ class TaskSpec:
         files: split → file names inside ``<data_dir>/<name>/`` (PIQA has two per split).
         reader: file paths → ``(location, row)`` pairs.
         convert: one row → its examples (RACE yields several per passage).
+        eval_convert: the conversion for the validation split when the harness scores fewer
+            examples per row than training can use (RACE: the last question of each passage).
         metrics: what the harness reports for the task.
         output_type: ``multiple_choice`` for every task (webquestions too: the harness
             scores its exact match by greedy checks on the gold continuations).
@@ -515,6 +523,10 @@ class TaskSpec:
     metrics: tuple[str, ...]
     harness_task: str
     output_type: str = "multiple_choice"
+    eval_convert: Callable[[dict, _Loc], Iterator[Example]] | None = None
+
+    def converter(self, split: str) -> Callable[[dict, _Loc], Iterator[Example]]:
+        return self.eval_convert if split == "validation" and self.eval_convert else self.convert
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -541,7 +553,8 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("sciq", _jsonl_files("train.json", "validation.json"), _read_json_array, _sciq, _ACC, "sciq"),
         TaskSpec("webquestions", _jsonl_files(), _read_jsonl, _webquestions, ("exact_match",), "webqs"),
         # The harness's race task reports acc only.
-        TaskSpec("race", _jsonl_files("train.jsonl.gz", "validation.jsonl.gz"), _read_jsonl, _race, ("acc",), "race"),
+        TaskSpec("race", _jsonl_files("train.jsonl.gz", "validation.jsonl.gz"), _read_jsonl, _race, ("acc",), "race",
+                 eval_convert=_race_last),
     )
 }
 
@@ -593,8 +606,9 @@ def task_files(name: str, split: str = "validation", data_dir: str | os.PathLike
 def iter_task(name: str, split: str = "validation", data_dir: str | os.PathLike | None = None) -> Iterator[Example]:
     """Lazily yield a task's examples in file order."""
     spec = _spec(name)
+    convert = spec.converter(split)
     for loc, row in spec.reader(task_files(name, split, data_dir)):
-        yield from spec.convert(row, loc)
+        yield from convert(row, loc)
 
 
 def load_task(name: str, split: str = "validation", data_dir: str | os.PathLike | None = None,
@@ -605,7 +619,7 @@ def load_task(name: str, split: str = "validation", data_dir: str | os.PathLike 
         name: one of ``TASK_NAMES``.
         split: ``"train"`` or ``"validation"``.
         data_dir: folder with one sub-folder per task; see :func:`resolve_data_dir`.
-        limit: stop after this many examples (for RACE: questions, not passages).
+        limit: stop after this many examples (RACE training: questions, not passages).
 
     Raises:
         TaskDataError: a row is malformed (names file, line and field).
