@@ -128,6 +128,36 @@ def test_gradot_emulator_save_load_roundtrip(arch, allocation, tokens, tmp_path)
     assert not torch.allclose(logits(model, tokens), logits(emu.model, tokens))
 
 
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_rescore_to_another_lambda_equals_scoring_at_it(allocation):
+    from gradot.gradot_method import rescore
+
+    model = tiny_model("llama", layers=8)
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    base = score_middle(model, split, f, GradOTConfig(keep=0.5, allocation=allocation))
+    for lam_attn, lam_mlp in ((0.3, 0.0), (1.0, 2.0)):
+        cfg = GradOTConfig(keep=0.5, allocation=allocation, lambda_attn=lam_attn, lambda_mlp=lam_mlp)
+        direct, again = score_middle(model, split, f, cfg), rescore(base, cfg)
+        for d, r in zip(direct, again):
+            assert math.isclose(d.cost, r.cost, rel_tol=1e-5) or d.cost == r.cost == math.inf
+            torch.testing.assert_close(d.mlp.cost, r.mlp.cost)
+            assert torch.equal(d.mlp.keep_order, r.mlp.keep_order)
+            for dm, rm in zip(d.attn, r.attn):
+                torch.testing.assert_close(dm.cost, rm.cost)
+                assert torch.equal(dm.keep_order, rm.keep_order) and dm.protected == rm.protected
+        # The same emulator either way (the λ sweep of --auto-lambda relies on it).
+        x = torch.randint(0, VOCAB, (1, 12))
+        a = gradot_emulator(model, split, cfg, None, scores=direct)
+        b = gradot_emulator(model, split, cfg, None, scores=again)
+        assert a.manifest["slots"] == b.manifest["slots"]
+        torch.testing.assert_close(logits(a.model, x), logits(b.model, x))
+    without_grad = collect_kfac(model, middle_linears(model, split), calib_batches(), progress=False, gradients=False)
+    plain = score_middle(model, split, without_grad, GradOTConfig(keep=0.5))
+    with pytest.raises(ValueError, match="gradients=True"):
+        rescore(plain, GradOTConfig(keep=0.5, lambda_mlp=0.1))
+
+
 def test_auto_lambda_picks_the_largest_lambda_that_keeps_the_proxy(tokens):
     from gradot.auto_lambda import auto_lambda
     model = tiny_model("llama", layers=8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .gradot_method import GradOTConfig, gradot_emulator
+from .gradot_method import GradOTConfig, gradot_emulator, rescore, score_middle
 from .proxy import adapter_gradients, cosines, mean_and_stderr
 from .split import Split
 
@@ -29,8 +29,10 @@ def auto_lambda(model, split: Split, factors: dict, cfg: GradOTConfig, batches, 
     batches = [{"input_ids": b, "labels": b} for b in batches]
     reference = adapter_gradients(model, split.adapter, batches, desc="auto-λ: original gradients")
     curve = []
+    scores = score_middle(model, split, factors, replace(cfg, lambda_attn=0.0, lambda_mlp=0.0))  # once: SVDs etc.
     for lam in (0.0, *sorted(grid)):
-        emu = gradot_emulator(model, split, replace(cfg, lambda_attn=lam, lambda_mlp=lam), factors)
+        at = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
+        emu = gradot_emulator(model, split, at, None, scores=rescore(scores, at))
         grads = adapter_gradients(emu.model, emu.adapter_positions, batches, desc=f"auto-λ: λ={lam}")
         mean, se = mean_and_stderr(cosines(reference, grads))
         curve.append({"lambda": lam, "cosine": mean, "stderr": se})

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -32,8 +32,10 @@ from .scores import (
     drd_scores,
     magnitude_channel_scores,
     scp_scores,
+    SCPScores,
     thin_svd,
     wanda_channel_scores,
+    with_lambda,
 )
 from .split import Split
 from .surgery import dense_weight, linear_shape, lowrank_saves_params, prune_mlp_channels, to_lowrank
@@ -90,6 +92,7 @@ class MLPScores:
     per_channel: int  # parameters one channel holds (rows of in-projections + down column + in biases)
     keep_order: torch.Tensor  # most worth keeping first
     cost: torch.Tensor  # global removal cost per channel
+    scp: SCPScores | None = None  # the curvature scores (gcs selection), kept to re-weight λ
 
 
 @dataclass
@@ -101,6 +104,20 @@ class LayerScores:
     mlp: MLPScores
     cost: float  # cost of removing the whole layer (its output linears zeroed: the layer is identity);
     # computed only for allocation "global-layers" (its one consumer), math.inf otherwise
+    removal: tuple[RemovalTerms, RemovalTerms] | None = None  # (attention out, MLP down) terms of `cost`
+    has_grad: bool = False  # the factors carried weight gradients: the first-order terms are real
+
+
+@dataclass(frozen=True)
+class RemovalTerms:
+    """``GCS`` of zeroing a whole linear is ``hess - lam * first * ratio``."""
+
+    hess: float
+    first: float
+    ratio: float  # scale_hess / scale_first of the matrix the λ is normalised by (1 for the MLP)
+
+    def cost(self, lam: float) -> float:
+        return self.hess if lam == 0 else self.hess - lam * self.first * self.ratio
 
 
 def _grad(f, W: torch.Tensor, lam: float) -> torch.Tensor:
@@ -120,6 +137,12 @@ def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
         svd = DRDScores(U, S, Vh, S, torch.zeros_like(S), S, 1.0, 1.0, 1.0, 1.0, 0.0)
     else:
         svd = drd_scores(W, f.A, f.G, _grad(f, W, lam), lam)
+    return _order_components(MatrixScores(name, in_f, out_f, bias, svd, None, None, 0), cfg)
+
+
+def _order_components(m: MatrixScores, cfg: GradOTConfig) -> MatrixScores:
+    """Fill ``keep_order``, ``cost`` and ``protected`` from ``m.svd`` (its λ decides the order)."""
+    svd = m.svd
     S = svd.S
     n_top = min(len(S), max(1, math.ceil(cfg.top_frac * len(S))))
     protected = torch.arange(n_top, device=S.device)  # S is sorted descending
@@ -128,7 +151,7 @@ def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
         rest = rest[svd.gcs[rest].argsort(descending=True)]
     keep_order = torch.cat([protected, rest])
     cost = svd.gcs * svd.scale_hess  # back to curvature units so matrices compare
-    return MatrixScores(name, in_f, out_f, bias, svd, keep_order, cost, n_top)
+    return replace(m, keep_order=keep_order, cost=cost, protected=n_top)
 
 
 def _mlp_scores(layer, arch: ArchSpec, factors, cfg: GradOTConfig, prefix: str) -> MLPScores:
@@ -150,19 +173,21 @@ def _mlp_scores(layer, arch: ArchSpec, factors, cfg: GradOTConfig, prefix: str) 
         lam = cfg.lambda_mlp
         s = scp_scores([(W, f.A, f.G, _grad(f, W, lam)) for W, f in zip(W_ins, fs)],
                        (W_down, fd.A, fd.G, _grad(fd, W_down, lam)), lam)
-        score = s.gcs
-        cost = s.gcs * s.scale_hess
+        return _order_channels(MLPScores(channels, per_channel, None, None, s))
     return MLPScores(channels, per_channel, score.argsort(descending=True), cost)
 
 
-def _removal_cost(module, f, lam: float, scale_h: float, scale_f: float) -> float:
-    """GCS of zeroing a whole linear, ``||G W A||_1 - lam <grad, -W> (scale_h / scale_f)``."""
+def _order_channels(m: MLPScores) -> MLPScores:
+    """Fill ``keep_order`` and ``cost`` from the curvature scores ``m.scp`` (its λ decides)."""
+    return replace(m, keep_order=m.scp.gcs.argsort(descending=True), cost=m.scp.gcs * m.scp.scale_hess)
+
+
+def _removal_terms(module, f, ratio: float) -> RemovalTerms:
+    """Terms of zeroing a whole linear: ``||G W A||_1`` and ``<grad, -W>`` (0 without gradients)."""
     W = dense_weight(module).detach().float()
     hess = float((f.G @ W @ f.A).abs().sum())
-    if lam == 0:
-        return hess
-    first = float(-(_grad(f, W, lam) * W).sum())
-    return hess - lam * first * scale_h / scale_f
+    first = float(-(f.grad * W).sum()) if f.grad is not None else 0.0
+    return RemovalTerms(hess, first, ratio)
 
 
 def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: GradOTConfig,
@@ -192,14 +217,47 @@ def _layer_scores(i: int, layer: nn.Module, arch: ArchSpec, factors: dict | None
     mlp = _mlp_scores(layer, arch, factors, cfg, prefix)
     unit_params = sum(m.dense_params for m in attn) + mlp.channels * mlp.per_channel
     params = sum(p.numel() for p in layer.parameters())
-    cost = math.inf
-    if factors is not None and cfg.selection == "gcs" and cfg.allocation == "global-layers":
-        o = next(m for m in attn if m.name == arch.attn_out[-1])
-        cost = _removal_cost(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
-                             cfg.lambda_attn, o.svd.scale_hess, o.svd.scale_first)
-        cost += _removal_cost(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out],
-                              cfg.lambda_mlp, 1.0, 1.0)
-    return LayerScores(i, params, params - unit_params, attn, mlp, cost)
+    scored = LayerScores(i, params, params - unit_params, attn, mlp, math.inf)
+    if factors is not None and cfg.selection == "gcs":
+        scored.has_grad = factors[prefix + arch.mlp_out].grad is not None
+        if cfg.allocation == "global-layers":
+            o = next(m for m in attn if m.name == arch.attn_out[-1])
+            scored.removal = (
+                _removal_terms(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
+                               o.svd.scale_hess / o.svd.scale_first),
+                _removal_terms(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out], 1.0),
+            )
+            scored.cost = _layer_cost(scored, cfg)
+    return scored
+
+
+def _layer_cost(ls: LayerScores, cfg: GradOTConfig) -> float:
+    attn, mlp = ls.removal
+    return attn.cost(cfg.lambda_attn) + mlp.cost(cfg.lambda_mlp)
+
+
+def rescore(scores: list[LayerScores], cfg: GradOTConfig) -> list[LayerScores]:
+    """``scores`` (from ``score_middle`` with the GCS selection) re-weighted to ``cfg``'s λs.
+
+    Only the weighted sum of the normalised curvature and first-order terms depends on λ, so this
+    reuses every SVD and curvature product: a λ sweep costs one scoring plus one cheap re-weighting
+    per λ. A nonzero λ needs scores computed from factors with gradients.
+    """
+    if cfg.selection != "gcs":
+        raise ValueError("rescore re-weights GCS scores; the svd/wanda selections have no λ")
+    out = []
+    for ls in scores:
+        if (cfg.lambda_attn or cfg.lambda_mlp) and not ls.has_grad:
+            raise ValueError("a nonzero lambda needs KFAC factors collected with gradients=True")
+        if ls.mlp.scp is None:
+            raise ValueError(f"layer {ls.index}: no curvature scores to re-weight (scored without factors)")
+        attn = [_order_components(replace(m, svd=with_lambda(m.svd, cfg.lambda_attn)), cfg) for m in ls.attn]
+        mlp = _order_channels(replace(ls.mlp, scp=with_lambda(ls.mlp.scp, cfg.lambda_mlp)))
+        new = replace(ls, attn=attn, mlp=mlp)
+        if ls.removal is not None and cfg.allocation == "global-layers":
+            new.cost = _layer_cost(new, cfg)
+        out.append(new)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
