@@ -26,6 +26,7 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
         assert f"| {row} |" in table
     info = json.loads((out / "results.json").read_text())
     assert info["cells"]["Full ZS"]["piqa"]["n"] == 4
+    assert info["cells"]["uniform: Emu FT"]["piqa"]["training"]["config"]["max_length"] == 256
     assert 0 <= info["table"]["uniform: Plug-in"]["avg"][0] <= 1
     cell = info["cells"]["uniform: Plug-in"]["piqa"]
     assert info["table_acc_norm"]["uniform: Plug-in"]["piqa"] == [cell["acc_norm"], cell["acc_norm_stderr"]]
@@ -65,12 +66,13 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
 def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     emu = tmp_path / "emu"
     assert run(capsys, "compress", "--model", tiny_model_dir, "--keep", "0.5", "--out", emu)[0] == 0
-    code, out, err = run(capsys, "finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8",
-                         "--max-steps", "2", "--train-batch-size", "4", "--out", tmp_path / "adapter")
+    again = ["finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8", "--max-steps", "2",
+             "--train-batch-size", "4", "--max-length", "64", "--out", tmp_path / "adapter"]
+    code, out, err = run(capsys, *again)
     assert code == 0, err
     assert "adapter written to" in out and "s/step" in out
-    again = ["finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8", "--max-steps", "2",
-             "--train-batch-size", "4", "--out", tmp_path / "adapter"]
+    training = json.loads((tmp_path / "adapter" / "manifest.json").read_text())["training"]
+    assert training["config"]["max_length"] == 64
     code, _, err = run(capsys, *again)  # refused before training, not after
     assert code == 2 and "already exists" in err
     code, _, err = run(capsys, *again, "--overwrite")  # its checkpoints would be mixed into a new run

@@ -39,6 +39,16 @@ def _train_task(value: str) -> str:
     return value
 
 
+def _max_length(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value!r}")
+    return n
+
+
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=float, default=1.0, help="training epochs")
@@ -46,6 +56,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-batch-size", type=int, default=8, help="examples per step")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: per-task default)")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the adapter layers (0: train them fully)")
+    g.add_argument("--max-length", type=_max_length, default=256,
+                   help="tokens per training example; longer ones lose the start of the prompt (RACE articles "
+                        "run to 300-600 tokens: raise it for them)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 mixed precision (autocast; Ampere or newer GPU, or CPU autocast without a GPU). "
@@ -133,7 +146,7 @@ def cmd_finetune(args) -> int:
     cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
                          learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume,
-                         bf16=args.bf16)
+                         bf16=args.bf16, max_length=args.max_length)
     emulator, stats = finetune_adapter(emulator, tok, _records(args), cfg)
     from accelerate import PartialState
 
@@ -191,6 +204,7 @@ def cmd_pipeline(args) -> int:
         model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
+        max_length=args.max_length,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
         bf16=args.bf16, report_only=args.report_only, compress_args={k: getattr(args, k) for k in compress_keys},
         dtype=args.dtype,

@@ -56,6 +56,7 @@ class PipelineConfig:
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
+    max_length: int = 256  # tokens per training example
     eval_batch_size: int = 8
     learning_rate: float | None = None
     lora_r: int = 0
@@ -86,7 +87,8 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {
         "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
         "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "learning_rate": cfg.learning_rate,
+        "lora_r": cfg.lora_r, "seed": cfg.seed,
         "data_dir": cfg.data_dir, "bf16": cfg.bf16,
         "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in _RUNTIME_COMPRESS_ARGS},
     }
@@ -160,7 +162,8 @@ class Pipeline:
     def _ft_config(self, folder: Path, task: str) -> FinetuneConfig:
         c = self.cfg
         return FinetuneConfig(output_dir=str(folder), task=task, learning_rate=c.learning_rate, epochs=c.epochs,
-                              max_steps=c.max_steps, batch_size=c.batch_size, seed=c.seed, lora_r=c.lora_r,
+                              max_steps=c.max_steps, batch_size=c.batch_size, max_length=c.max_length,
+                              seed=c.seed, lora_r=c.lora_r,
                               resume=True, save_steps=50, logging_steps=10, bf16=c.bf16)
 
     def _records(self, task: str):
