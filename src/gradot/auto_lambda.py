@@ -19,17 +19,19 @@ DEFAULT_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def auto_lambda(model, split: Split, factors: dict, cfg: GradOTConfig, batches, threshold: float = 0.95,
-                grid=DEFAULT_GRID) -> tuple[float, list[dict]]:
+                grid=DEFAULT_GRID, scores=None) -> tuple[float, list[dict]]:
     """Return ``(λ, curve)``; ``curve`` lists ``{"lambda", "cosine", "stderr"}`` for every λ tried.
 
-    ``batches`` are token-id tensors of held-out calibration text (loss on every token).
+    ``batches`` are token-id tensors of held-out calibration text (loss on every token). ``scores``:
+    the middle block already scored from ``factors`` (``score_middle``, any λ), else scored here once.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     batches = [{"input_ids": b, "labels": b} for b in batches]
     reference = adapter_gradients(model, split.adapter, batches, desc="auto-λ: original gradients")
     curve = []
-    scores = score_middle(model, split, factors, replace(cfg, lambda_attn=0.0, lambda_mlp=0.0))  # once: SVDs etc.
+    if scores is None:  # once: every λ below re-weights the same SVDs and curvature terms
+        scores = score_middle(model, split, factors, replace(cfg, lambda_attn=0.0, lambda_mlp=0.0))
     for lam in (0.0, *sorted(grid)):
         at = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
         emu = gradot_emulator(model, split, at, None, scores=rescore(scores, at))

@@ -67,11 +67,14 @@ def _gradot_like(selection: str):
             from dataclasses import replace
 
             from .auto_lambda import auto_lambda
+            from .gradot_method import rescore, score_middle
 
             # Held-out calibration batches (the last ones) judge the gradient proxy.
             held_out = batches[-max(1, len(batches) // 4):]
-            lam, curve = auto_lambda(model, split, factors, cfg, held_out, threshold=args.auto_lambda)
+            base = score_middle(model, split, factors, cfg)  # scored once for the sweep and the result
+            lam, curve = auto_lambda(model, split, factors, cfg, held_out, threshold=args.auto_lambda, scores=base)
             cfg = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
+            scores = rescore(base, cfg)
             settings["auto_lambda"] = {"threshold": args.auto_lambda, "chosen": lam, "curve": curve}
         emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings,
                                    scores=scores)
