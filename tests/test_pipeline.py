@@ -63,7 +63,7 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     assert code == 0, err
 
 
-def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
+def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys, monkeypatch):
     emu = tmp_path / "emu"
     assert run(capsys, "compress", "--model", tiny_model_dir, "--keep", "0.5", "--out", emu)[0] == 0
     again = ["finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8", "--max-steps", "2",
@@ -73,7 +73,9 @@ def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert "adapter written to" in out and "s/step" in out
     training = json.loads((tmp_path / "adapter" / "manifest.json").read_text())["training"]
     assert training["config"]["max_length"] == 64
-    code, _, err = run(capsys, *again)  # refused before training, not after
+    with monkeypatch.context() as m:  # refused before training, not after
+        m.setattr("gradot.finetune.finetune_adapter", lambda *a, **k: pytest.fail("trained before checking --out"))
+        code, _, err = run(capsys, *again)
     assert code == 2 and "already exists" in err
     code, _, err = run(capsys, *again, "--overwrite")  # its checkpoints would be mixed into a new run
     assert code == 2 and "--resume" in err
