@@ -881,3 +881,123 @@ def test_privacy_measure_of_shared_layers():
             assert m.own_error == 0
         else:  # a clustered-away layer ships nothing of its own; its representative may be the best guess
             assert m.own_error == 1 and m.best_error <= 1
+
+
+# --------------------------------------------------------------------------------------------- review findings
+
+
+def _retype(folder: Path, name: str, key: str, tensor: torch.Tensor) -> None:
+    """Replace one tensor and describe it truthfully in the manifest (hash, dtype): only the
+    loader's own rules can refuse it."""
+    tensors = read_st(folder / name)
+    tensors[key] = tensor
+    save_file(tensors, folder / name)
+    m = read_manifest(folder)
+    m["files"][name]["tensors"][key] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    m["files"][name]["sha256"] = sha256_file(folder / name)
+    write_manifest(folder, m)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / CFG).read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / CFG).write_text(json.dumps(config))
+    rehash(folder, CFG)
+
+
+def test_custom_code_in_a_shipped_config_is_refused_never_run(emulator_dir, tmp_path):
+    marker = tmp_path / "PWNED"
+    (emulator_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    _edit_config(emulator_dir, model_type=None, auto_map={"AutoConfig": "evil.EvilConfig"})
+    for loader in (load_emulator, load_emulator_tokenizer):
+        with pytest.raises(ArtifactError, match="custom code") as exc:
+            loader(emulator_dir)
+        assert_clean(exc.value, emulator_dir)
+    assert not marker.exists()
+
+
+def test_attention_kernels_beyond_eager_and_sdpa_are_refused(emulator_dir):
+    _edit_config(emulator_dir, attn_implementation="kernels-community/flash-attn")
+    with pytest.raises(ArtifactError, match="attn_implementation") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+
+
+def test_tensor_dtypes_must_be_the_declared_float_dtype(shipped, emulator_dir, adapter_dir):
+    model, _ = shipped
+    key = "model.layers.2.mlp.down_proj.weight"
+    original = read_st(emulator_dir / EMU)[key]
+    _retype(emulator_dir, EMU, key, original.double())  # would load, then fail in the first forward
+    with pytest.raises(ArtifactError, match=f"tensor {key} is float64, expected float32") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+    akey = "model.layers.7.self_attn.q_proj.weight"
+    a = read_st(adapter_dir / ADA)[akey]
+    _retype(adapter_dir, ADA, akey, a.to(torch.float8_e4m3fn))  # torch.isfinite cannot even read it
+    with pytest.raises(ArtifactError, match="is float8_e4m3fn, expected") as exc:
+        plug_in(copy.deepcopy(model), adapter_dir)
+    assert_clean(exc.value, adapter_dir)
+    huge = a.double()
+    huge[0, 0] = 1e300  # finite in float64, inf in the model's float32
+    _retype(adapter_dir, ADA, akey, huge)
+    target = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ArtifactError, match=f"{akey} overflows the model's float32") as exc:
+        plug_in(target, adapter_dir)
+    assert_clean(exc.value, adapter_dir)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing written
+
+
+def test_absurd_layer_counts_are_refused_without_enumerating_them(shipped, emulator_dir, adapter_dir):
+    model, _ = shipped
+    for folder in (emulator_dir, adapter_dir):
+        m = read_manifest(folder)
+        m["base"]["num_layers"], m["adapter"]["k"] = 2 * 10**9 + 1, 10**9
+        write_manifest(folder, m)
+        with time_limit(10), pytest.raises(ArtifactError, match="base.num_layers") as exc:
+            load(model, "adapter" if folder == adapter_dir else "emulator", folder)
+        assert_clean(exc.value, folder)
+
+
+def test_a_pruned_adapter_layer_is_refused(emulator_dir):
+    m = read_manifest(emulator_dir)
+    m["slots"][0]["channels"] = 3
+    write_manifest(emulator_dir, m)
+    with pytest.raises(ArtifactError, match=r"slots\[0\] prunes an adapter layer") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+
+
+def test_manifest_may_not_be_a_symbolic_link(emulator_dir, tmp_path):
+    real = tmp_path / "elsewhere.json"
+    shutil.move(emulator_dir / MAN, real)
+    os.symlink(real, emulator_dir / MAN)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        load_emulator(emulator_dir)
+
+
+def test_info_reports_the_named_kinds_error_and_escapes_control_characters(emulator_dir, capsys):
+    m = read_manifest(emulator_dir)
+    m["method"] = "uniform\x1b[2J\x1b]0;owned\x07"
+    write_manifest(emulator_dir, m)
+    assert main(["info", str(emulator_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "uniform\\x1b[2J" in out
+    m["slots"][0]["role"] = "middle"
+    write_manifest(emulator_dir, m)
+    assert main(["info", str(emulator_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "slots[0].role" in err and "gradot-adapter" not in err
+
+
+def test_layers_that_compute_by_position_are_refused():
+    from gradot.registry import UnsupportedModelError, arch_of
+
+    model = tiny_model("gpt2", layers=4)
+    model.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(UnsupportedModelError, match="scale_attn_by_inverse_layer_idx"):
+        arch_of(model)

@@ -34,7 +34,7 @@ from torch import nn
 from .emulator import FORMAT_VERSION, Emulator, Slot
 from .registry import UnsupportedModelError, arch_of, decoder_layers
 from .split import Split, SplitError, adapter_state_dict, fingerprint
-from .surgery import renumber_layers, reshape_layer, shared_copy
+from .surgery import mlp_channels, renumber_layers, reshape_layer, shared_copy
 
 MANIFEST = "manifest.json"
 EMULATOR_FILE = "emulator.safetensors"
@@ -149,6 +149,8 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: not a directory")
+    if path.is_symlink():  # like every file of an artifact: plain files only
+        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds plain files only")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (is {folder} a gradot {kind}?)")
     try:
@@ -193,6 +195,8 @@ def _short(x: Any, limit: int = 80) -> str:
 
 
 _HEX64 = frozenset("0123456789abcdef")
+#: More decoder layers than any model has: bounds what a manifest may make the loaders enumerate.
+MAX_LAYERS = 10_000
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -215,8 +219,8 @@ def _validate_fields(m: dict[str, Any], kind: str, path: Path) -> None:
     if not isinstance(base, dict):
         raise bad("base", base, "an object")
     n = base.get("num_layers")
-    if not _is_int(n) or n < 1:
-        raise bad("base.num_layers", n, "a positive integer")
+    if not _is_int(n) or not 1 <= n <= MAX_LAYERS:
+        raise bad("base.num_layers", n, f"a positive integer up to {MAX_LAYERS}")
     fp = base.get("fingerprint")
     if not isinstance(fp, str) or len(fp) != 64 or not set(fp) <= _HEX64:
         raise bad("base.fingerprint", fp, "a sha256 hex digest")
@@ -260,8 +264,9 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
         raise bad("aliases", aliases, "tensor name -> tensor name")
 
     slots = m.get("slots")
-    if not isinstance(slots, list) or len(slots) < 2 * split.k + 1:
-        raise bad("slots", slots, f"a list of at least {2 * split.k + 1} positions")
+    if not isinstance(slots, list) or not 2 * split.k + 1 <= len(slots) <= MAX_LAYERS:
+        raise bad("slots", slots, f"a list of {2 * split.k + 1} to {MAX_LAYERS} positions")
+    middle_sources = set(split.middle)  # built once: membership per slot below
     if size["emulator_depth"] != len(slots):
         raise bad("size.emulator_depth", size["emulator_depth"], f"the number of slots ({len(slots)})")
     known = {"source", "role", "shares", "ranks", "channels"}
@@ -278,7 +283,7 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
             expected = split.adapter[pos] if pos < split.k else split.top[pos - (len(slots) - split.k)]
             if source != expected or not _is_int(source):
                 raise bad(f"{where}.source", source, f"adapter layer {expected}")
-        elif not _is_int(source) or source not in split.middle:
+        elif not _is_int(source) or source not in middle_sources:
             raise bad(f"{where}.source", source, f"a middle layer index in [{split.k}, {split.num_layers - split.k})")
         shares = s.get("shares")
         if shares is not None and not (
@@ -293,6 +298,8 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
         channels = s.get("channels")
         if channels is not None and (not _is_int(channels) or channels < 1):
             raise bad(f"{where}.channels", channels, "null or a positive integer")
+        if shares is not None and ranks:
+            raise bad(f"{where}.ranks", ranks, "{} on a position that shares another's weights")
 
 
 def _check_hash(folder: Path, name: str, entry: dict) -> Path:
@@ -306,8 +313,10 @@ def _check_hash(folder: Path, name: str, entry: dict) -> Path:
     return path
 
 
-def read_tensors(folder: Path, name: str, entry: dict) -> dict[str, torch.Tensor]:
-    """Load one safetensors file, refusing anything the manifest does not describe exactly."""
+def read_tensors(folder: Path, name: str, entry: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Load one safetensors file, refusing anything the manifest does not describe exactly.
+
+    Only floating tensors of the artifact dtypes are accepted (``dtype``: exactly that one)."""
     path = _check_hash(folder, name, entry)
     expected = entry.get("tensors")
     if not isinstance(expected, dict):
@@ -327,7 +336,10 @@ def read_tensors(folder: Path, name: str, entry: dict) -> dict[str, torch.Tensor
         spec = expected[k]
         if not isinstance(spec, dict) or spec.get("dtype") != _dtype_name(t.dtype) or spec.get("shape") != list(t.shape):
             raise ArtifactError(f"{path}: tensor {k} is {_dtype_name(t.dtype)}{list(t.shape)}, manifest says {spec}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if _dtype_name(t.dtype) not in _DTYPES or (dtype is not None and t.dtype != dtype):
+            wanted = _dtype_name(dtype) if dtype is not None else " or ".join(_DTYPES)
+            raise ArtifactError(f"{path}: tensor {k} is {_dtype_name(t.dtype)}, expected {wanted}")
+        if not torch.isfinite(t).all():
             raise ArtifactError(f"{path}: tensor {k} contains NaN or Inf")
     return tensors
 
@@ -359,7 +371,7 @@ def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], co
 
     try:
         with context():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError, ArithmeticError, RuntimeError) as exc:
         # Library code run on the sender's config: any of these means it describes no buildable model.
         raise ArtifactError(f"{folder / CONFIG_FILE}: does not describe a buildable model ({_why(exc)})") from exc
@@ -367,6 +379,10 @@ def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], co
     try:
         with context():
             for pos, slot in enumerate(slots):
+                if slot.role == "adapter" and slot.channels not in (None, mlp_channels(layers[pos], arch)):
+                    # Adapter layers ship uncompressed: a pruned one could never be plugged back in.
+                    raise ArtifactError(f"{folder / MANIFEST}: slots[{pos}] prunes an adapter layer's MLP "
+                                        f"to {slot.channels} channels; adapter layers ship uncompressed")
                 if slot.shares is None:
                     reshape_layer(layers[pos], arch, slot.ranks, slot.channels)
             for pos, slot in enumerate(slots):
@@ -378,10 +394,44 @@ def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], co
     return model
 
 
+#: Attention implementations a shipped config may ask for: built into torch and transformers. Others
+#: import optional packages or fetch kernels from a hub.
+_ATTENTION = (None, "eager", "sdpa")
+
+
+def read_config(folder: Path, shown: Path | None = None):
+    """The shipped ``config.json`` as a transformers config, without ever running the sender's code.
+
+    The class comes from transformers' own mapping for ``model_type``; ``auto_map`` (custom code),
+    and attention implementations beyond eager/SDPA are refused outright. Errors name ``shown``
+    (the artifact folder, when ``folder`` is a private copy of it).
+    """
+    from transformers import CONFIG_MAPPING
+
+    path = (shown or folder) / CONFIG_FILE
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: not a readable JSON config ({_why(exc)})") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    if "auto_map" in raw or raw.get("trust_remote_code"):
+        raise ArtifactError(f"{path}: asks for custom code (auto_map / trust_remote_code); gradot never runs it")
+    for key in ("attn_implementation", "_attn_implementation"):
+        if raw.get(key) not in _ATTENTION:
+            raise ArtifactError(f"{path}: {key} {_short(raw.get(key))} is not one of eager, sdpa")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ArtifactError(f"{path}: unknown model_type {_short(model_type)}")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(raw)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, _config_field_error()) as exc:
+        raise ArtifactError(f"{path}: {_why(exc)}") from exc
+
+
 def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     """Rebuild an emulator from its directory alone (no access to the original model)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
     folder = Path(folder)
     manifest = read_manifest(folder, "emulator")
@@ -391,21 +441,19 @@ def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     for name, entry in manifest["files"].items():
         if name != EMULATOR_FILE:
             _check_hash(folder, name, entry)
-    tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE])
+    dtype = getattr(torch, manifest.get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
+    tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE], dtype=dtype)
     slots = _slots(manifest, where)
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        arch = arch_of(config)
-    except (OSError, ValueError, TypeError, KeyError, ArithmeticError, _config_field_error()) as exc:
-        raise ArtifactError(f"{folder / CONFIG_FILE}: {_why(exc)}") from exc
+    config = read_config(folder)
     if config.model_type != manifest["model_type"]:
         raise ArtifactError(f"{folder / CONFIG_FILE}: model type {config.model_type!r}, manifest says {manifest['model_type']!r}")
+    try:
+        arch = arch_of(config)
+    except UnsupportedModelError as exc:
+        raise ArtifactError(f"{folder / CONFIG_FILE}: {exc}") from exc
     if config.num_hidden_layers != len(slots):
         raise ArtifactError(f"{where}: {len(slots)} slots but config has {config.num_hidden_layers} layers")
 
-    dtype = getattr(torch, manifest.get("dtype", "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ArtifactError(f"{where}: unknown dtype {manifest.get('dtype')!r}")
     # config.json and the slots come from the sender: build their architecture on the meta device
     # first (no memory, whatever sizes the config claims) and check it against the stored tensors
     # before anything is allocated.
@@ -458,8 +506,17 @@ def load_emulator_tokenizer(folder: str | os.PathLike):
                     _check_hash(Path(tmp), name, entry)
                 except ArtifactError as exc:
                     raise ArtifactError(f"{folder / name}: changed while being read") from exc
+        if CONFIG_FILE in manifest["files"]:
+            read_config(Path(tmp), shown=folder)  # refuses custom code before the tokenizer loader reads it
+        tok_config = Path(tmp) / "tokenizer_config.json"
         try:
-            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            asks_code = "auto_map" in json.loads(tok_config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError) as exc:
+            raise ArtifactError(f"{folder / tok_config.name}: not valid JSON ({_why(exc)})") from exc
+        if asks_code:
+            raise ArtifactError(f"{folder / tok_config.name}: asks for custom code (auto_map); gradot never runs it")
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
             tok("The offsite-tuning protocol.")  # a field of the wrong type may only fail on first use
         except Exception as exc:  # noqa: BLE001
             # The one place the sender's tokenizer files meet third-party parsers, and the tokenizers
@@ -543,10 +600,18 @@ def plug_in(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     for name, t in tensors.items():
         if t.shape != own[name].shape:
             raise ArtifactError(f"{folder / ADAPTER_FILE}: {name} has shape {list(t.shape)}, model expects {list(own[name].shape)}")
-    with torch.no_grad():
+        converted = t.to(own[name].dtype)
+        if not torch.isfinite(converted).all():  # e.g. float64 values beyond float32's range
+            raise ArtifactError(f"{folder / ADAPTER_FILE}: {name} overflows the model's {_dtype_name(own[name].dtype)}")
+        tensors[name] = converted
+    with torch.no_grad():  # every check passed: only now is the model written
         for name, t in tensors.items():
-            own[name].copy_(t.to(own[name].dtype))
+            own[name].copy_(t)
     return model
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def describe(manifest: dict[str, Any]) -> str:
@@ -579,4 +644,5 @@ def describe(manifest: dict[str, Any]) -> str:
     for name, entry in manifest.get("files", {}).items():
         n = len(entry.get("tensors", {})) if isinstance(entry, dict) else 0
         lines.append(f"file {name}: sha256 {str(entry.get('sha256', ''))[:16]}…" + (f"  {n} tensors" if n else ""))
-    return "\n".join(lines)
+    # Every string here came from the sender: no terminal control sequences reach the screen.
+    return "\n".join(_printable(line) for line in lines)

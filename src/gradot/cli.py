@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 
@@ -222,15 +223,13 @@ def cmd_plugin(args) -> int:
 def cmd_info(args) -> int:
     from .artifacts import ArtifactError, describe, read_manifest
 
-    manifest = None
-    for kind in ("emulator", "adapter"):
-        try:
-            manifest = read_manifest(args.path, kind)
-            break
-        except ArtifactError as exc:
-            error = exc
-    if manifest is None:
-        raise error
+    # The kind the manifest names decides which checks apply (and whose error is reported).
+    try:
+        named = json.loads((Path(args.path) / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        named = None
+    kind = "adapter" if named == "gradot-adapter" else "emulator"
+    manifest = read_manifest(args.path, kind)
     print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
     return 0
 

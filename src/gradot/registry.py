@@ -34,6 +34,9 @@ class ArchSpec:
     conv1d: bool = False
     # Per-layer config lists that must follow the layers when depth changes.
     per_layer_config: tuple[str, ...] = field(default=("layer_types",))
+    # Config flags that tie a layer's computation to its position: a moved layer would compute
+    # something else, so models with one of them set are refused.
+    position_dependent_flags: tuple[str, ...] = ()
 
     @property
     def attn_linears(self) -> tuple[str, ...]:
@@ -75,6 +78,7 @@ REGISTRY: dict[str, ArchSpec] = {
         mlp_in=("mlp.c_fc",),
         mlp_out="mlp.c_proj",
         conv1d=True,
+        position_dependent_flags=("scale_attn_by_inverse_layer_idx",),
     ),
 }
 
@@ -86,7 +90,12 @@ def arch_of(model_or_config) -> ArchSpec:
     if model_type not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise UnsupportedModelError(f"unsupported architecture {model_type!r}; supported: {known}")
-    return REGISTRY[model_type]
+    spec = REGISTRY[model_type]
+    for flag in spec.position_dependent_flags:
+        if getattr(config, flag, False):
+            raise UnsupportedModelError(f"{model_type} with {flag}=True is not supported: its layers compute "
+                                        "differently at another depth, which an emulator changes")
+    return spec
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
