@@ -1001,3 +1001,33 @@ def test_layers_that_compute_by_position_are_refused():
     model.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(UnsupportedModelError, match="scale_attn_by_inverse_layer_idx"):
         arch_of(model)
+
+
+def test_aliases_must_match_the_architectures_sharing(emulator_dir):
+    # Tie a frozen middle weight to a trainable adapter weight: same shapes, hashes updated.
+    key, target = "model.layers.2.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    tensors = read_st(emulator_dir / EMU)
+    del tensors[key]
+    save_file(tensors, emulator_dir / EMU)
+    m = read_manifest(emulator_dir)
+    del m["files"][EMU]["tensors"][key]
+    m["files"][EMU]["sha256"] = sha256_file(emulator_dir / EMU)
+    m["aliases"][key] = target
+    write_manifest(emulator_dir, m)
+    with pytest.raises(ArtifactError, match="'aliases' do not match the layer sharing") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)
+
+
+def test_an_adapter_from_a_bfloat16_compression_plugs_into_the_float32_model(tmp_path):
+    model = tiny_model("llama", layers=LAYERS)
+    half = copy.deepcopy(model).to(torch.bfloat16)  # the model owner compressed a bf16 load
+    emu = uniform_emulator(half, split_model(half, 2), 0.5)
+    save_emulator(emu, tmp_path / "emu")
+    loaded = load_emulator(tmp_path / "emu")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    save_adapter(loaded, tmp_path / "adapter")
+    assert read_manifest(tmp_path / "adapter")["base"]["dtype"] == "bfloat16"
+    plug_in(model, tmp_path / "adapter")  # a float32 model: compared after rounding to bfloat16
+    with pytest.raises(ArtifactError, match="fingerprint was taken in bfloat16"):  # another model still fails
+        plug_in(tiny_model("llama", layers=LAYERS, seed=1), tmp_path / "adapter")

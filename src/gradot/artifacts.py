@@ -221,6 +221,8 @@ def _validate_fields(m: dict[str, Any], kind: str, path: Path) -> None:
     n = base.get("num_layers")
     if not _is_int(n) or not 1 <= n <= MAX_LAYERS:
         raise bad("base.num_layers", n, f"a positive integer up to {MAX_LAYERS}")
+    if "dtype" in base and base["dtype"] not in _DTYPES:
+        raise bad("base.dtype", base["dtype"], f"one of {', '.join(_DTYPES)}")
     fp = base.get("fingerprint")
     if not isinstance(fp, str) or len(fp) != 64 or not set(fp) <= _HEX64:
         raise bad("base.fingerprint", fp, "a sha256 hex digest")
@@ -459,12 +461,20 @@ def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     # before anything is allocated.
     skeleton = _build_architecture(folder, config, dtype, arch, slots, lambda: torch.device("meta"))
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    # Which tensors are one and the same follows from the architecture (tied embeddings, the slots'
+    # layer sharing): the manifest must say exactly that, or a frozen weight could be tied to a
+    # trainable one, or a shared layer shipped as two.
+    sharing = _unique_state(skeleton)[1]
     del skeleton
     aliases = manifest.get("aliases", {})
     expected = set(shapes)
     if (not isinstance(aliases, dict) or not set(aliases) <= expected or not set(aliases.values()) <= set(tensors)
             or set(aliases) & set(tensors)):
         raise ArtifactError(f"{where}: malformed 'aliases' (each must map a parameter to a stored tensor)")
+    if aliases != sharing:
+        wrong = sorted(set(aliases.items()) ^ set(sharing.items()))
+        raise ArtifactError(f"{where}: 'aliases' do not match the layer sharing of the slots and config "
+                            f"(differ at {_short(wrong[:3])})")
     if set(tensors) | set(aliases) != expected:
         wrong = sorted(set(tensors) - expected) or sorted(expected - set(tensors) - set(aliases))
         raise ArtifactError(f"{folder / EMULATOR_FILE}: tensors do not match the emulator architecture: {wrong[:5]}")
@@ -541,7 +551,9 @@ def save_adapter(emulator: Emulator, out: str | os.PathLike, training: dict | No
         "format": "gradot-adapter",
         "format_version": FORMAT_VERSION,
         "model_type": m["model_type"],
-        "base": {"num_layers": m["base"]["num_layers"], "fingerprint": m["base"]["fingerprint"]},
+        # The dtype the fingerprint was taken in (the model's when it was compressed).
+        "base": {"num_layers": m["base"]["num_layers"], "fingerprint": m["base"]["fingerprint"],
+                 "dtype": m.get("dtype", "float32")},
         "adapter": m["adapter"],
         "emulator": {"method": m["method"], "keep_achieved": m["size"]["keep_achieved"]},
         "training": training or {},
@@ -584,10 +596,11 @@ def plug_in(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise ArtifactError(
             f"{where}: adapter holds layers {bottom + top}, this model's k={k} adapter is layers {split.adapter}"
         )
-    if base.get("fingerprint") != fingerprint(model, split):
+    taken_in = getattr(torch, base.get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
+    if base.get("fingerprint") != fingerprint(model, split, as_dtype=taken_in):
         raise ArtifactError(
             f"{where}: base-model fingerprint does not match this model (the adapter was trained on an emulator "
-            "of a different model or checkpoint)"
+            f"of a different model or checkpoint; its fingerprint was taken in {_dtype_name(taken_in)})"
         )
     tensors = read_tensors(folder, ADAPTER_FILE, manifest["files"][ADAPTER_FILE])
     own = adapter_state_dict(model, split.adapter)

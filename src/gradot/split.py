@@ -74,12 +74,13 @@ _CONFIG_FIELDS = (
 )
 
 
-def fingerprint(model: nn.Module, split: Split) -> str:
+def fingerprint(model: nn.Module, split: Split, as_dtype: torch.dtype | None = None) -> str:
     """Base-model fingerprint: sha256 of the architecture config and the ORIGINAL adapter tensors.
 
     An adapter carries the fingerprint of the model it was split from; plugging it into another
     model is refused. Tensors are hashed as float32 so a bf16 and an fp32 load of the same
-    checkpoint agree only when the values do.
+    checkpoint agree only when the values do. ``as_dtype``: round the tensors to this dtype first,
+    to compare a float32 model with a fingerprint taken from its bfloat16 (or float16) load.
     """
     h = hashlib.sha256()
     config = {f: getattr(model.config, f, None) for f in _CONFIG_FIELDS}
@@ -88,5 +89,6 @@ def fingerprint(model: nn.Module, split: Split) -> str:
     with onloaded(*(layers[i] for i in split.adapter)):  # weights a device map offloaded
         for name, tensor in sorted(adapter_state_dict(model, split.adapter).items()):
             h.update(name.encode())
-            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            tensor = tensor.detach() if as_dtype is None else tensor.detach().to(as_dtype)
+            h.update(tensor.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
