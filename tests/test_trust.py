@@ -1031,3 +1031,18 @@ def test_an_adapter_from_a_bfloat16_compression_plugs_into_the_float32_model(tmp
     plug_in(model, tmp_path / "adapter")  # a float32 model: compared after rounding to bfloat16
     with pytest.raises(ArtifactError, match="fingerprint was taken in bfloat16"):  # another model still fails
         plug_in(tiny_model("llama", layers=LAYERS, seed=1), tmp_path / "adapter")
+
+
+def test_config_swapped_after_its_hash_check_is_refused(emulator_dir, monkeypatch):
+    checked = artifacts._check_hash
+
+    def check_then_swap(folder, name, entry):
+        path = checked(folder, name, entry)
+        if name == CFG:  # the sender rewrites the file between the check and the use
+            (folder / CFG).write_text(json.dumps({**json.loads((folder / CFG).read_text()), "vocab_size": 7}))
+        return path
+
+    monkeypatch.setattr(artifacts, "_check_hash", check_then_swap)
+    with pytest.raises(ArtifactError, match="config.json: content hash does not match") as exc:
+        load_emulator(emulator_dir)
+    assert_clean(exc.value, emulator_dir)

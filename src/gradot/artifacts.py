@@ -401,18 +401,22 @@ def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], co
 _ATTENTION = (None, "eager", "sdpa")
 
 
-def read_config(folder: Path, shown: Path | None = None):
+def read_config(folder: Path, shown: Path | None = None, sha256: str | None = None):
     """The shipped ``config.json`` as a transformers config, without ever running the sender's code.
 
     The class comes from transformers' own mapping for ``model_type``; ``auto_map`` (custom code),
     and attention implementations beyond eager/SDPA are refused outright. Errors name ``shown``
-    (the artifact folder, when ``folder`` is a private copy of it).
+    (the artifact folder, when ``folder`` is a private copy of it). ``sha256``: the manifest's hash,
+    checked on the very bytes parsed (the file cannot change between the check and the use).
     """
     from transformers import CONFIG_MAPPING
 
     path = (shown or folder) / CONFIG_FILE
     try:
-        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        data = (folder / CONFIG_FILE).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ArtifactError(f"{path}: content hash does not match the manifest (modified or truncated)")
+        raw = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path}: not a readable JSON config ({_why(exc)})") from exc
     if not isinstance(raw, dict):
@@ -446,7 +450,7 @@ def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     dtype = getattr(torch, manifest.get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
     tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE], dtype=dtype)
     slots = _slots(manifest, where)
-    config = read_config(folder)
+    config = read_config(folder, sha256=manifest["files"][CONFIG_FILE]["sha256"])
     if config.model_type != manifest["model_type"]:
         raise ArtifactError(f"{folder / CONFIG_FILE}: model type {config.model_type!r}, manifest says {manifest['model_type']!r}")
     try:
