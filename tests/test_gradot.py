@@ -76,6 +76,26 @@ def test_achieved_size_matches_budget_within_one_percent(allocation, keep):
     assert stored == size["middle_params_kept"]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("keep", [0.4, 0.6])
+def test_dropping_whole_layers_never_undershoots_the_budget(arch, keep):
+    # A layer drop that lands far below the target (with nothing left to give back) is skipped.
+    model = tiny_model(arch, layers=8)
+    split = split_model(model, 2)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=keep, allocation="global-layers"), factors_for(model, split))
+    assert abs(emu.manifest["size"]["keep_achieved"] - keep) <= 0.01 * keep
+
+
+def test_layer_cost_normalises_the_mlp_first_order_term_like_the_channels():
+    model = tiny_model("opt", layers=8)
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    for ls in score_middle(model, split, f, GradOTConfig(keep=0.5, allocation="global-layers", lambda_mlp=1.0)):
+        attn, mlp = ls.removal
+        assert mlp.ratio == pytest.approx(ls.mlp.scp.scale_hess / ls.mlp.scp.scale_first)
+        assert ls.cost == pytest.approx(attn.hess + mlp.hess - mlp.first * mlp.ratio)
+
+
 @pytest.mark.parametrize("selection", ["svd", "wanda"])
 def test_ablations_hit_the_budget(selection):
     model = wide_model()
@@ -112,8 +132,13 @@ def test_global_allocation_differs_per_layer_and_can_drop_layers():
         layers[3].self_attn.o_proj.weight.zero_()
         layers[3].mlp.down_proj.weight.zero_()
     f = factors_for(model, split)
-    emu = gradot_emulator(model, split, GradOTConfig(keep=0.8, allocation="global-layers"), f)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.7, allocation="global-layers"), f)
     assert 3 in emu.manifest["settings"]["dropped_layers"]
+    assert abs(emu.manifest["size"]["keep_achieved"] - 0.7) <= 0.007  # units elsewhere fill the rest
+    # At keep 0.8 a quarter of the middle block cannot go: the budget wins over the free layer.
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.8, allocation="global-layers"), f)
+    assert emu.manifest["settings"]["dropped_layers"] == []
+    assert abs(emu.manifest["size"]["keep_achieved"] - 0.8) <= 0.008
 
 
 @pytest.mark.parametrize("arch", ARCHS)

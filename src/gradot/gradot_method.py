@@ -31,6 +31,7 @@ from .scores import (
     DRDScores,
     drd_scores,
     magnitude_channel_scores,
+    protected_count,
     scp_scores,
     SCPScores,
     thin_svd,
@@ -114,7 +115,7 @@ class RemovalTerms:
 
     hess: float
     first: float
-    ratio: float  # scale_hess / scale_first of the matrix the λ is normalised by (1 for the MLP)
+    ratio: float  # scale_hess / scale_first of the units the λ is normalised over (matrix; MLP channels)
 
     def cost(self, lam: float) -> float:
         return self.hess if lam == 0 else self.hess - lam * self.first * self.ratio
@@ -144,7 +145,7 @@ def _order_components(m: MatrixScores, cfg: GradOTConfig) -> MatrixScores:
     """Fill ``keep_order``, ``cost`` and ``protected`` from ``m.svd`` (its λ decides the order)."""
     svd = m.svd
     S = svd.S
-    n_top = min(len(S), max(1, math.ceil(cfg.top_frac * len(S))))
+    n_top = max(1, protected_count(len(S), cfg.top_frac, len(S)))  # at least one component survives
     protected = torch.arange(n_top, device=S.device)  # S is sorted descending
     rest = torch.arange(n_top, len(S), device=S.device)
     if cfg.selection == "gcs":
@@ -225,7 +226,9 @@ def _layer_scores(i: int, layer: nn.Module, arch: ArchSpec, factors: dict | None
             scored.removal = (
                 _removal_terms(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
                                o.svd.scale_hess / o.svd.scale_first),
-                _removal_terms(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out], 1.0),
+                # λ is normalised like the channels' (the units a layer competes with)
+                _removal_terms(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out],
+                               mlp.scp.scale_hess / mlp.scp.scale_first),
             )
             scored.cost = _layer_cost(scored, cfg)
     return scored
@@ -368,6 +371,7 @@ def allocate_global(scores: list[LayerScores], target: int, layers: bool = False
     per_layer = [layer_params(li) for li in range(len(scores))]
     total = sum(per_layer)
     removed = []
+    removed_from = [0] * len(scores)  # parameters units removed from each layer (what a give-back can return)
     alive = len(scores)
     for _, kind, li, detail in candidates:
         if total <= target:
@@ -377,12 +381,16 @@ def allocate_global(scores: list[LayerScores], target: int, layers: bool = False
         if kind == "layer":
             if alive == 1:  # never drop the last middle layer
                 continue
+            returnable = sum(r for j, r in enumerate(removed_from) if j != li and not dropped[j])
+            if total - per_layer[li] + returnable < target:
+                continue  # the drop would undershoot the budget beyond what giving units back can fix
             dropped[li] = True
             alive -= 1
             change = -per_layer[li]
         else:
             change = step(kind, li, detail, -1)
             removed.append((kind, li, detail))
+            removed_from[li] -= change
         total += change
         per_layer[li] += change
     # Dropping a whole layer can overshoot: give back the most costly removed units that fit.

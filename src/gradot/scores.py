@@ -40,6 +40,7 @@ __all__ = [
     "drd_scores",
     "with_lambda",
     "drd_select",
+    "protected_count",
     "svd_select",
     "scp_scores",
     "magnitude_channel_scores",
@@ -186,7 +187,7 @@ def drd_scores(W: Tensor, A: Tensor, G: Tensor, grad: Tensor, lam: float) -> DRD
     )
 
 
-def _n_top(n: int, top_frac: float, rank: int) -> int:
+def protected_count(n: int, top_frac: float, rank: int) -> int:
     # round() first so that e.g. 0.05 * 60 = 3.0000000000000004 does not become 4.
     return min(max(math.ceil(round(max(top_frac, 0.0) * n, 9)), 0), rank)
 
@@ -203,7 +204,7 @@ def drd_select(S: Tensor, gcs: Tensor, rank: int, top_frac: float = 0.05) -> Ten
     n = S.numel()
     rank = max(0, min(int(rank), n))
     keep = torch.zeros(n, dtype=torch.bool, device=S.device)
-    n_top = _n_top(n, top_frac, rank)
+    n_top = protected_count(n, top_frac, rank)
     if n_top > 0:
         keep[torch.argsort(S, descending=True, stable=True)[:n_top]] = True
     n_fill = rank - n_top

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .registry import ArchSpec, arch_of, get_module, set_module
 
@@ -25,11 +27,14 @@ class LowRankLinear(nn.Module):
     Two plain ``nn.Linear`` so that PEFT, quantizers and device maps see ordinary linears.
     """
 
-    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, dtype=None, device=None):
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, dtype=None, device=None,
+                 init: bool = True):
         super().__init__()
         self.in_features, self.rank, self.out_features = in_features, rank, out_features
-        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        # init=False: uninitialised memory, for callers that overwrite every weight right away.
+        make = nn.Linear if init else partial(skip_init, nn.Linear)
+        self.down = make(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = make(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
@@ -69,7 +74,7 @@ def to_lowrank(module: nn.Module, U: torch.Tensor, S: torch.Tensor, Vh: torch.Te
     in_f, out_f, has_bias = linear_shape(module)
     w = dense_weight(module)
     root = S[keep].sqrt()
-    new = LowRankLinear(in_f, len(keep), out_f, has_bias, dtype=w.dtype, device=w.device)
+    new = LowRankLinear(in_f, len(keep), out_f, has_bias, dtype=w.dtype, device=w.device, init=False)
     with torch.no_grad():
         new.down.weight.copy_((root[:, None] * Vh[keep]).to(w.dtype))
         new.up.weight.copy_((U[:, keep] * root[None, :]).to(w.dtype))
@@ -101,7 +106,7 @@ def _slice_linear(module: nn.Module, keep: torch.Tensor, dim: str) -> nn.Module:
         new.weight = nn.Parameter(w.T.contiguous())
         new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         return new.to(w.device)
-    new = nn.Linear(in_f, out_f, bias=bias is not None, dtype=w.dtype, device=w.device)
+    new = skip_init(nn.Linear, in_f, out_f, bias=bias is not None, dtype=w.dtype, device=w.device)  # overwritten next
     with torch.no_grad():
         new.weight.copy_(w)
         if bias is not None:
