@@ -9,7 +9,8 @@ Per method at the same budget (``--keep``), on one model:
     emulator ships for another layer (chosen with the original in hand: an optimistic bound);
     aggregated as the mean over matrices, the block-level error, and the fraction of middle-block
     parameters shipped bit-exactly (see ``gradot.privacy``);
-(b) emulator WikiText-2 test perplexity against the original's;
+(b) emulator token perplexity on the first tokens of WikiText-2 test (not the harness's word
+perplexity) against the original's;
 (c) from a pipeline results JSON (``--pipeline-json``, optional): Emu ZS accuracy and
     Δ = Plug-in − Emu FT, the task-level measures of the same question.
 
@@ -134,7 +135,7 @@ def main(argv=None):
     test_text = resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.test.raw"
     ppl_batches = calibration_batches(tok, CalibrationSpec(str(test_text), args.ppl_sequences, args.ppl_len, 2))
     original_ppl = perplexity(model, ppl_batches)
-    print(f"original: WikiText-2 test perplexity {original_ppl:.2f}", flush=True)
+    print(f"original: WikiText-2 test token perplexity {original_ppl:.2f}", flush=True)
 
     factors = None
 

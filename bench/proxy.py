@@ -2,7 +2,8 @@
 
 For each (method, keep) cell: (a) cosine between the adapter's gradient on the emulator and on the
 original model, on the same batches of task data (paired), mean and standard error; the paired
-difference to OT† uniform drop with its standard error; (b) WikiText-2 test perplexity; (c) the
+difference to OT† uniform drop with its standard error; (b) token perplexity on the first tokens of
+WikiText-2 test (not the harness's word perplexity); (c) the
 achieved middle-block size; (d) compression wall time next to one forward-backward pass over the
 same calibration set (the floor). Every finished cell is cached under ``OUT/cells`` so an
 interrupted run resumes.
@@ -210,7 +211,7 @@ def report(args, out, meta, rows, missing):
     lines = [
         f"# Proxy benchmark ({args.model})", "",
         f"Command: `{command}`  ", f"Commit: {info['git_commit']}; date {info['date']}; machine: {info['machine']}  ",
-        f"Original model: WikiText-2 test perplexity {meta['perplexity']:.2f} ({args.ppl_sequences}×{args.ppl_len} tokens); "
+        f"Original model: WikiText-2 test token perplexity {meta['perplexity']:.2f} (first {args.ppl_sequences}×{args.ppl_len} tokens); "
         f"forward-backward floor over the calibration set ({args.calib_sequences}×{args.calib_len} tokens): "
         f"{meta['floor_seconds']:.1f} s.  ",
         f"Adapter-gradient cosine: {args.grad_batches} paired batches of {args.grad_batch_size} training rows "

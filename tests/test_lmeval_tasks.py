@@ -118,10 +118,23 @@ def test_evaluate_smoke_on_a_tiny_random_llama(tiny_model_and_tokenizer, tmp_pat
     assert 0.0 <= results["webquestions"]["exact_match"] <= 1.0
 
 
-def test_evaluate_wikitext_perplexity(tiny_model_and_tokenizer, tmp_path):
+def test_evaluate_wikitext_perplexity(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    from lm_eval.models import huggingface
+
     model, tokenizer = tiny_model_and_tokenizer
-    r = evaluate(model, tokenizer, ["wikitext"], data_dir=DATA, limit=1, cache_dir=tmp_path,
-                 bootstrap_iters=0)["wikitext"]
+    batches = []
+    real_init = huggingface.HFLM.__init__
+
+    def spy(self, *args, **kwargs):
+        batches.append(kwargs.get("batch_size"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface.HFLM, "__init__", spy)
+    both = evaluate(model, tokenizer, ["piqa", "wikitext"], data_dir=DATA, limit=1, cache_dir=tmp_path,
+                    batch_size=8, bootstrap_iters=0)
+    # Whole-context rolling windows one at a time (at batch 8: ~25 GB of logits for the default model).
+    assert batches == [8, 1] and list(both) == ["piqa", "wikitext"]
+    r = both["wikitext"]
     # A random model over a 49k vocabulary is near-uniform: per-token perplexity ~ vocab size.
     assert r["n"] == 1 and math.isfinite(r["word_perplexity"]) and r["word_perplexity"] > 1000
     assert 1.0 < r["byte_perplexity"] and r["bits_per_byte"] == pytest.approx(math.log2(r["byte_perplexity"]))

@@ -786,10 +786,15 @@ def test_empty_short_missing_or_malformed_calibration_text(method, tiny_model_di
         "short.txt": ("the cat sat on the mat", "has 6 tokens; 4 x 16 = 64 needed"),
         "bad.jsonl": ('{"text": "the cat"}\n{"title": "no text field"}\n', "bad.jsonl:2: expected a JSON object with a 'text' field"),
         "missing.txt": (None, "calibration file not found"),
+        "null.jsonl": ('{"text": null}\n', "null.jsonl:1: 'text' is NoneType, expected a string"),
+        "alpaca.json": ('[{"instruction": "x", "output": "y"}]', "not a .json file"),
+        "latin1.txt": (b"caf\xe9 " * 40, "not UTF-8 text (byte 3)"),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
-        if content is not None:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
             path.write_text(content)
         code, _, err = run_cli(capsys, "compress", "--model", tiny_model_dir, "--method", method, "--calib", path,
                                "--calib-sequences", "4", "--calib-len", "16", "--out", tmp_path / "e")

@@ -32,16 +32,24 @@ def read_corpus(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file not found: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":  # a JSON document (Alpaca-style instructions?) is no running text
+        raise CalibrationError(f"{path}: calibration takes plain text or JSONL with a 'text' field, not a .json file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     if path.suffix == ".jsonl":
         texts = []
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CalibrationError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({exc})") from exc
+            if not isinstance(text, str):
+                raise CalibrationError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
+            texts.append(text)
         raw = "\n\n".join(texts)
     if not raw.strip():
         raise CalibrationError(f"calibration file is empty: {path}")

@@ -67,14 +67,14 @@ WIKITEXT_FILE = Path("text") / "wikitext-2-raw" / "wiki.test.raw"
 #: Every name :func:`evaluate` accepts.
 EVAL_TASKS: tuple[str, ...] = TASK_NAMES + (WIKITEXT,)
 
-CACHE_DIR_ENV = "GRADOT_CACHE_DIR"
+CACHE_DIR_ENV = "GRADOT_CACHE"  # the same variable as the model cache (gradot.modeling)
 
 
 # --------------------------------------------------------------------------- cache files
 
 
 def default_cache_dir() -> Path:
-    """``$GRADOT_CACHE_DIR/lmeval`` or ``~/.cache/gradot/lmeval``."""
+    """``$GRADOT_CACHE/lmeval`` or ``~/.cache/gradot/lmeval``."""
     root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "gradot"
     return Path(root).expanduser() / "lmeval"
 
@@ -247,7 +247,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         tasks: names from ``EVAL_TASKS``; ``"wikitext"`` gives perplexity.
         data_dir: folder with the task files (see :func:`gradot.tasks.resolve_data_dir`).
         limit: evaluate only the first ``limit`` examples (documents for wikitext) per task.
-        batch_size: harness batch size.
+        batch_size: harness batch size (wikitext's rolling windows always go one at a time).
         device: when given, the model is MOVED there first (the harness runs a ready model
             where it lies).
         cache_dir: where the normalized JSONL files go (default :func:`default_cache_dir`).
@@ -268,20 +268,28 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    configs = build_configs(tasks, data_dir, cache_dir, limit, split)
     if device is not None:
         model = model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=configs,
-        limit=limit,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-        # Our configs are self-contained; indexing the harness's own yamls costs ~10 s.
-        task_manager=TaskManager(include_defaults=False),
-    )
-    return _collect(out, tasks)
+    # Perplexity scores rolling windows as long as the context (8192 tokens for the default model):
+    # at batch 8 their logits over a 49k vocabulary need ~25 GB, so one window at a time (the
+    # harness's own default); the multiple-choice tasks keep ``batch_size``.
+    groups = [([t for t in tasks if t != WIKITEXT], batch_size), ([t for t in tasks if t == WIKITEXT], 1)]
+    results: dict[str, dict[str, float]] = {}
+    for group, group_batch in groups:
+        if not group:
+            continue
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=group_batch, max_length=max_length)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=build_configs(group, data_dir, cache_dir, limit, split),
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            # Our configs are self-contained; indexing the harness's own yamls costs ~10 s.
+            task_manager=TaskManager(include_defaults=False),
+        )
+        results.update(_collect(out, group))
+    return {t: results[t] for t in tasks}
 
 
 def _collect(out: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:

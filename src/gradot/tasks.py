@@ -294,8 +294,13 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
 
+    counted = [0, 1]  # (position, its line): items come in order, so count only the new stretch
+
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        start, line = counted
+        line += text.count("\n", start, pos) if pos >= start else -text.count("\n", pos, start)
+        counted[:] = [pos, line]
+        return line
 
     pos = ws.match(text, 0).end()
     if pos == len(text) or text[pos] != "[":
