@@ -62,6 +62,13 @@ def _why(exc: BaseException, limit: int = 300) -> str:
 # Writing
 
 
+def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
+    """An output directory that exists with content is replaced only with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
@@ -69,8 +76,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     A failed command therefore leaves whatever was at ``out`` untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ArtifactError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

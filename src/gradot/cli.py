@@ -26,14 +26,21 @@ def _keep(value: str) -> float:
     return keep
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def int_at_least(low: int, what: str):
+    """An argparse type: an integer >= ``low``; ``what`` names it in the error ("a positive integer")."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+
+    return parse
+
+
+_positive_int = int_at_least(1, "a positive integer")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

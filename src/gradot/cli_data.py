@@ -39,24 +39,16 @@ def _train_task(value: str) -> str:
     return value
 
 
-def _max_length(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value!r}")
-    return n
-
-
 def _training_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import int_at_least
+
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
     g.add_argument("--train-batch-size", type=int, default=8, help="examples per step")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: per-task default)")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the adapter layers (0: train them fully)")
-    g.add_argument("--max-length", type=_max_length, default=256,
+    g.add_argument("--max-length", type=int_at_least(2, "an integer >= 2"), default=256,
                    help="tokens per training example; longer ones lose the start of the prompt (RACE articles "
                         "run to 300-600 tokens: raise it for them)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
@@ -133,14 +125,10 @@ def _records(args):
 
 
 def cmd_finetune(args) -> int:
-    from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
-    from .cli import UsageError
+    from .artifacts import load_emulator, load_emulator_tokenizer, refuse_existing, save_adapter
     from .finetune import FinetuneConfig, finetune_adapter
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        # Checked before training, not after it: the adapter could not be written.
-        raise UsageError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
+    refuse_existing(args.out, args.overwrite)  # before training, not after it: the adapter could not be written
     emulator = load_emulator(args.emulator)
     tok = load_emulator_tokenizer(args.emulator)
     cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,

@@ -468,7 +468,7 @@ def _webquestions(row: dict, loc: _Loc) -> Iterator[Example]:
     yield GenExample(webqs_prompt(question), _str_list(row, "answers", loc))
 
 
-_RACE_LETTERS = "ABCD"
+_RACE_LETTERS = ("A", "B", "C", "D")
 
 
 def _race(row: dict, loc: _Loc) -> Iterator[Example]:
@@ -489,7 +489,7 @@ def _race(row: dict, loc: _Loc) -> Iterator[Example]:
         opts = _str_list({"o": options[k]}, "o", loc, f"options[{k}]", min_len=4)
         if len(opts) != 4:
             raise loc.error(f"options[{k}]", f"expected 4 options, got {len(opts)}")
-        if answers[k] not in tuple(_RACE_LETTERS):
+        if answers[k] not in _RACE_LETTERS:
             raise loc.error(f"answers[{k}]", f"expected one of A, B, C, D, got {answers[k]!r}")
         gold = _RACE_LETTERS.index(answers[k])
         yield MCExample(race_prompt(article, solved, question), opts, gold)
