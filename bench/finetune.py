@@ -8,7 +8,13 @@ settings of the offsite-tuning paper's efficiency table, on the default model:
 
 Each setting runs in its own process (clean peak memory) through the library's real training path
 (``finetune_full`` / ``finetune_adapter``, i.e. transformers' Trainer with AdamW), with the same
-batch size and sequence length (every example exactly ``--seq-len`` tokens of WikiText-2 text).
+batch size and sequence length: ``--data text``, every example exactly ``--seq-len`` tokens of
+WikiText-2 text (loss on every token); ``--data pairs``, a task's training (question, answer) pairs
+(``--task``, loss on the answer tokens only, batches padded to their longest example).
+
+Each setting runs once per ``--losses`` entry, in the same run: ``stock``, the model's own loss over
+full logits (before issue 12), and ``head-at-labels``, the LM head applied only at labelled positions
+in chunks (``gradot.head_loss``, the library's default).
 The first ``--warmup`` steps are discarded; tokens per second are averaged over the next
 ``--steps`` optimizer steps (data loading, forward, backward, optimizer). Peak memory is the
 process's peak resident set size while those steps ran (sampled every 5 ms), minus the resident
@@ -17,6 +23,7 @@ size after imports (so it counts model, gradients, optimizer state and activatio
 and the share of the LM head (a 49k vocabulary is a large part of a 135M model).
 
     python bench/finetune.py --threads 1 --out results/finetune
+    python bench/finetune.py --threads 1 --data pairs --settings full,adapter --out results/finetune-pairs
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
+LOSSES = ("stock", "head-at-labels")
 
 
 def parse_args(argv=None):
@@ -44,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="with random:<size>: a tokenizer folder (default: the default model's tokenizer)")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--losses", default=",".join(LOSSES), help="loss paths to compare, each setting with each")
+    p.add_argument("--data", choices=("text", "pairs"), default="text",
+                   help="text: WikiText-2 windows of exactly --seq-len tokens; pairs: --task's training pairs")
+    p.add_argument("--task", default="piqa", help="with --data pairs: the task whose training pairs are used")
     p.add_argument("--method", default="uniform", help="emulator method (gradot compress --method)")
     p.add_argument("--keep", type=float, default=0.4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -55,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="results/finetune")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--loss", default="head-at-labels", help=argparse.SUPPRESS)
     p.add_argument("--emulator", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -114,6 +127,7 @@ def worker(args) -> dict:
 
     from gradot.artifacts import load_emulator, load_emulator_tokenizer
     from gradot.finetune import FinetuneConfig, FinetuneDataset, finetune_adapter, finetune_full
+    from gradot.head_loss import HeadAtLabels
     from gradot.modeling import load_model
 
     if args.threads:
@@ -129,9 +143,17 @@ def worker(args) -> dict:
         tok = load_emulator_tokenizer(args.emulator)
         model = emulator.model
     total_steps = args.warmup + args.steps + 1  # + one step whose FLOPs are counted
-    records = _records(tok, total_steps * args.batch_size, args.seq_len)
-    data = FinetuneDataset(tok, records, args.seq_len)
-    assert len(data) == len(records) and all(len(ids) == args.seq_len for ids, _ in data.examples)
+    if args.data == "pairs":
+        from gradot.finetune import task_records
+        from gradot.tasks import load_task
+
+        records = task_records(load_task(args.task, "train", limit=total_steps * args.batch_size))
+        data = FinetuneDataset(tok, records, args.seq_len)
+    else:
+        records = _records(tok, total_steps * args.batch_size, args.seq_len)
+        data = FinetuneDataset(tok, records, args.seq_len)
+        assert len(data) == len(records) and all(len(ids) == args.seq_len for ids, _ in data.examples)
+    assert len(data) == total_steps * args.batch_size
     after_load = psutil.Process().memory_info().rss
     rss = PeakRSS()
 
@@ -155,6 +177,7 @@ def worker(args) -> dict:
                 from torch.utils.flop_counter import FlopCounterMode
 
                 self.counter = FlopCounterMode(display=False)
+                self.flops_tokens = state.num_input_tokens_seen
                 self.counter.__enter__()
 
         def on_step_end(self, a, state, control, **kw):
@@ -168,17 +191,33 @@ def worker(args) -> dict:
                     rss.stop()
             if self.counter is not None and step == total_steps:
                 self.counter.__exit__(None, None, None)
+                self.flops_tokens = state.num_input_tokens_seen - self.flops_tokens  # non-padding tokens
                 counts = self.counter.get_flop_counts()
                 total = self.counter.get_total_flops()
                 head = max((sum(v.values()) for k, v in counts.items() if k.endswith("lm_head")), default=0)
-                self.flops = {"total": total, "lm_head": head}
+                # head-at-labels runs the head's matmuls in the loss, outside the lm_head module
+                self.flops = {"total": total, "lm_head": head + self.loss_flops}
 
     meter = Meter()
+    meter.loss_flops = 0
+    real_loss = HeadAtLabels.loss
+
+    def counted_loss(self, *a, **kw):  # the FLOPs of the head-at-labels loss, counted apart
+        if meter.counter is None:
+            return real_loss(self, *a, **kw)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as inner:  # nested: the outer counter sees them too
+            out = real_loss(self, *a, **kw)
+        meter.loss_flops += inner.get_total_flops()
+        return out
+
+    HeadAtLabels.loss = counted_loss
     with tempfile.TemporaryDirectory(prefix="gradot-ftbench-") as out:
         cfg = FinetuneConfig(output_dir=out, max_steps=total_steps, batch_size=args.batch_size,
                              max_length=args.seq_len, lora_r=args.lora_r if setting.endswith("lora") else 0,
                              logging_steps=1000, save_steps=100000, save_total_limit=1, bf16=args.bf16,
-                             learning_rate=1e-5)
+                             learning_rate=1e-5, head_at_labels=args.loss == "head-at-labels")
         if emulator is None:
             _, stats = finetune_full(model, tok, records, cfg, callbacks=[meter])
         else:
@@ -188,13 +227,13 @@ def worker(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
     result = {
-        "setting": setting, "params": params, "lm_head_params": head,
+        "setting": setting, "loss": args.loss, "params": params, "lm_head_params": head,
         "trainable_parameters": stats["trainable_parameters"],
         "timed_steps": args.steps, "seconds": seconds, "seconds_per_step": seconds / args.steps,
         "tokens": tokens, "tokens_per_second": tokens / seconds,
         "baseline_rss_mib": baseline / 2**20, "loaded_rss_mib": after_load / 2**20,
         "peak_rss_mib": rss.peak / 2**20, "peak_mib": (rss.peak - baseline) / 2**20,
-        "flops_per_token": meter.flops["total"] / (args.batch_size * args.seq_len) if meter.flops else None,
+        "flops_per_token": meter.flops["total"] / meter.flops_tokens if meter.flops else None,
         "lm_head_flop_share": meter.flops["lm_head"] / meter.flops["total"] if meter.flops else None,
         "final_loss": stats.get("train_loss"),
     }
@@ -279,16 +318,20 @@ def main(argv=None):
         save_random_model(model_arg, args.tokenizer, Path(args.model))
     emu_dir = Path(tmp.name) / f"emulator-{args.method}-keep{args.keep}"
     size = make_emulator(args, emu_dir) if any(s.startswith("adapter") for s in settings) else None
+    losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    if set(losses) - set(LOSSES):
+        raise SystemExit(f"--losses: unknown {sorted(set(losses) - set(LOSSES))}; known: {', '.join(LOSSES)}")
     rows = []
-    for setting in settings:
-        cmd = [sys.executable, __file__, "--worker", setting, "--emulator", str(emu_dir), "--model", args.model,
+    for setting, loss in [(s, l) for s in settings for l in losses]:
+        cmd = [sys.executable, __file__, "--worker", setting, "--loss", loss, "--emulator", str(emu_dir),
+               "--model", args.model, "--data", args.data, "--task", args.task,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if args.bf16:
             cmd.append("--bf16")
-        print(f"== {setting} ==", flush=True)
+        print(f"== {setting}, {loss} loss ==", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
@@ -299,11 +342,15 @@ def main(argv=None):
         print(f"  {row['tokens_per_second']:.0f} tokens/s, {row['seconds_per_step']:.2f} s/step, "
               f"peak {row['peak_mib']:.0f} MiB", flush=True)
     tmp.cleanup()
-    base = next((r for r in rows if r["setting"] == "full"), None)
+    def find(setting, loss):
+        return next((r for r in rows if r["setting"] == setting and r["loss"] == loss), None)
+
     for r in rows:
-        if base:
-            r["speed_vs_full"] = r["tokens_per_second"] / base["tokens_per_second"]
-            r["memory_vs_full"] = r["peak_mib"] / base["peak_mib"]
+        for key, other in (("vs_full", find("full", r["loss"])), ("vs_stock", find(r["setting"], "stock")),
+                           ("vs_full_stock", find("full", "stock"))):
+            if other:
+                r["speed_" + key] = r["tokens_per_second"] / other["tokens_per_second"]
+                r["memory_" + key] = r["peak_mib"] / other["peak_mib"]
 
     command = "python bench/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {"command": command, "git_commit": git_commit(),
@@ -318,15 +365,20 @@ def main(argv=None):
         "# Fine-tuning efficiency", "",
         f"Command: `{command}`  ",
         f"Commit: {info['git_commit']}; date {info['date']}; machine: {started}  ",
-        f"Model: {model_arg}; batch {args.batch_size} × {args.seq_len} tokens; AdamW through transformers' Trainer; "
+        f"Model: {model_arg}; "
+        + (f"batch {args.batch_size} × {args.seq_len} tokens of text (loss on every token)" if args.data == "text"
+           else f"batch {args.batch_size} {args.task} training pairs (loss on answer tokens; up to {args.seq_len} "
+                "tokens, padded to the batch's longest; tokens/s counts non-padding tokens)")
+        + "; AdamW through transformers' Trainer; "
         f"LoRA rank {args.lora_r}; {args.warmup} warm-up steps, {args.steps} timed steps"
         + ("; bf16" if args.bf16 else "; float32") + ".  ",
         emu_note,
         "Peak memory: process peak RSS during the timed steps minus RSS after imports (CPU), or CUDA "
-        "max_memory_allocated.", "",
-        "| setting | params | trainable | tokens/s | × full FT | s/step | peak MiB | × full FT | "
-        "matmul GFLOP/token | LM head share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "max_memory_allocated. Ratios: against full FT with the same loss, and against the same setting "
+        "with the stock (full-logits) loss.", "",
+        "| setting | loss | trainable | tokens/s | × full FT | × stock loss | s/step | peak MiB | × full FT "
+        "| × stock loss | matmul GFLOP/token | LM head share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def ratio(r, key):
         return f"{r[key]:.2f}" if key in r else "–"
@@ -335,9 +387,10 @@ def main(argv=None):
         fl = f"{r['flops_per_token'] / 1e9:.2f}" if r["flops_per_token"] else "–"
         share = f"{r['lm_head_flop_share']:.0%}" if r["lm_head_flop_share"] is not None else "–"
         lines.append(
-            f"| {r['setting']} | {r['params'] / 1e6:.1f} M | {r['trainable_parameters'] / 1e6:.2f} M | "
-            f"{r['tokens_per_second']:.0f} | {ratio(r, 'speed_vs_full')} | {r['seconds_per_step']:.2f} | "
-            f"{r['peak_mib']:.0f} | {ratio(r, 'memory_vs_full')} | {fl} | {share} |")
+            f"| {r['setting']} | {r['loss']} | {r['trainable_parameters'] / 1e6:.2f} M | "
+            f"{r['tokens_per_second']:.0f} | {ratio(r, 'speed_vs_full')} | {ratio(r, 'speed_vs_stock')} | "
+            f"{r['seconds_per_step']:.2f} | {r['peak_mib']:.0f} | {ratio(r, 'memory_vs_full')} | "
+            f"{ratio(r, 'memory_vs_stock')} | {fl} | {share} |")
     (out / "finetune.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
 

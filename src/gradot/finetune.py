@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .emulator import Emulator
+from .head_loss import HeadAtLabels
 from .registry import arch_of, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ __all__ = [
     "last_checkpoint",
     "load_trainable",
     "lora_target_modules",
+    "output_head",
     "pad_token_id",
     "save_trainable",
     "task_records",
@@ -106,8 +108,9 @@ TRAINABLE_FILE = "trainable.safetensors"
 _TRAINER_STATE = "trainer_state.json"
 #: The settings (and a hash of the data) the checkpoints in ``output_dir`` were trained with.
 RUN_FILE = "gradot_run.json"
-#: Settings that do not change what is trained: where and how often to save or log, whether to resume.
-_BOOKKEEPING = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "resume")
+#: Settings that do not change what is trained: where and how often to save or log, whether to resume,
+#: how the loss is computed (the same loss either way, to float rounding).
+_BOOKKEEPING = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "resume", "head_at_labels")
 #: Settings a resumed run may change: how long to train.
 _LENGTH = ("max_steps", "epochs")
 
@@ -159,6 +162,9 @@ class FinetuneConfig:
     lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest complete checkpoint in output_dir, if there is one"))
+    head_at_labels: bool = field(default=True, metadata=_help(
+        "apply the LM head only at labelled positions, in chunks (gradot.head_loss); False: the model's "
+        "own loss over full logits (same loss to float rounding, slower; kept as the benchmarks' reference)"))
 
     def __post_init__(self):
         def bad(name, why):
@@ -398,7 +404,24 @@ def _trainer_class():
     from transformers import Trainer
 
     class TrainableOnlyTrainer(Trainer):
-        """A ``Trainer`` whose checkpoints hold only the trainable parameters (safetensors)."""
+        """A ``Trainer`` whose checkpoints hold only the trainable parameters (safetensors) and,
+        given ``head_at_labels`` (a :class:`gradot.head_loss.HeadAtLabels`), whose loss applies the
+        LM head only at labelled positions."""
+
+        def __init__(self, *args, head_at_labels=None, **kwargs):
+            if head_at_labels is not None:
+                # The Trainer pops the labels, runs the model (its head skipped by the hook) and
+                # calls this with the labels and the accumulated batch's token count.
+                kwargs["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: (
+                    head_at_labels.loss(labels, num_items_in_batch))
+            super().__init__(*args, **kwargs)
+            self.head_at_labels = head_at_labels
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.head_at_labels is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with self.head_at_labels:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if not self.args.should_save:
@@ -410,6 +433,15 @@ def _trainer_class():
             load_trainable(model if model is not None else self.model, resume_from_checkpoint)
 
     return TrainableOnlyTrainer
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The LM head of a causal LM, or of the model inside a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embedding (LM head)")
+    return head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +596,7 @@ def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rat
         train_dataset=dataset,
         data_collator=CausalLMCollator(pad_token_id(tokenizer)),
         callbacks=[meter, *(callbacks or [])],
+        head_at_labels=HeadAtLabels(output_head(model)) if cfg.head_at_labels else None,
     )
     checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
