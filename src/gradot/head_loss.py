@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HeadAtLabels", "head_at_labels_loss", "linear_cross_entropy"]
+__all__ = ["CHUNK_ELEMENTS", "HeadAtLabels", "SkipHead", "head_at_labels_loss", "linear_cross_entropy"]
 
 IGNORE = -100
 #: Logit elements per chunk (float32: 32 MiB); e.g. 170 rows for a 49k vocabulary.
@@ -99,13 +99,13 @@ def head_at_labels_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Mod
     return total / num_items_in_batch
 
 
-class HeadAtLabels:
-    """Make a causal LM skip its head: on entering, a forward pre-hook on ``head`` keeps the final
-    hidden states (``self.hidden``) and passes an empty slice on, so the model returns logits of
-    length 0; ``loss(labels)`` is then computed here. Reusable; each forward replaces ``hidden``."""
+class SkipHead:
+    """While entered, a forward pre-hook on ``head`` keeps the final hidden states (``self.hidden``)
+    and passes an empty slice on, so the model's head computes nothing and it returns logits of
+    length 0. Reusable; each forward replaces ``hidden``."""
 
-    def __init__(self, head: nn.Module, chunk_rows: int | None = None):
-        self.head, self.chunk_rows = head, chunk_rows
+    def __init__(self, head: nn.Module):
+        self.head = head
         self.hidden: torch.Tensor | None = None
         self._handle = None
 
@@ -121,6 +121,15 @@ class HeadAtLabels:
     def __exit__(self, *exc):
         self._handle.remove()
         self.hidden = None
+
+
+class HeadAtLabels(SkipHead):
+    """:class:`SkipHead` for training: ``loss(labels)`` after each forward is the causal-LM loss
+    with the head applied only at the labelled positions."""
+
+    def __init__(self, head: nn.Module, chunk_rows: int | None = None):
+        super().__init__(head)
+        self.chunk_rows = chunk_rows
 
     def loss(self, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         if self.hidden is None:
