@@ -50,6 +50,7 @@ from gradot.tasks import (
 __all__ = [
     "EVAL_TASKS",
     "HARNESS_PREFIX",
+    "SCORERS",
     "WIKITEXT",
     "build_configs",
     "default_cache_dir",
@@ -66,6 +67,9 @@ WIKITEXT = "wikitext"
 WIKITEXT_FILE = Path("text") / "wikitext-2-raw" / "wiki.test.raw"
 #: Every name :func:`evaluate` accepts.
 EVAL_TASKS: tuple[str, ...] = TASK_NAMES + (WIKITEXT,)
+
+#: ``evaluate(scorer=...)``: gradot's FastHFLM, or the harness's own HFLM (the reference).
+SCORERS = ("fast", "stock")
 
 CACHE_DIR_ENV = "GRADOT_CACHE"  # the same variable as the model cache (gradot.modeling)
 
@@ -238,7 +242,8 @@ def _flatten(task_results: dict[str, Any]) -> dict[str, float]:
 def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike | None = None,
              limit: int | None = None, batch_size: int = 8, device: str | None = None,
              cache_dir: str | os.PathLike | None = None, max_length: int | None = None,
-             split: str = "validation", bootstrap_iters: int = 1000) -> dict[str, dict[str, float]]:
+             split: str = "validation", bootstrap_iters: int = 1000, scorer: str = "fast"
+             ) -> dict[str, dict[str, float]]:
     """Zero-shot evaluation of an in-memory Hugging Face causal LM with lm-evaluation-harness.
 
     Args:
@@ -255,6 +260,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         split: which split of the task files to score.
         bootstrap_iters: bootstrap resamples for the stderr of non-mean metrics
             (perplexities); accuracies get a closed-form stderr. 0 skips those stderrs.
+        scorer: ``"fast"`` (:class:`gradot.scorer.FastHFLM`: each context once, the head only
+            on continuation tokens; ``batch_size`` counts contexts) or ``"stock"`` (the
+            harness's ``HFLM``; ``batch_size`` counts requests). Same scores to float rounding.
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}`` for multiple
@@ -268,6 +276,12 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from gradot.scorer import FastHFLM
+
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    lm_class = FastHFLM if scorer == "fast" else HFLM
+
     if device is not None:
         model = model.to(device)
     # Perplexity scores rolling windows as long as the context (8192 tokens for the default model):
@@ -278,7 +292,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     for group, group_batch in groups:
         if not group:
             continue
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=group_batch, max_length=max_length)
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=group_batch, max_length=max_length)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=build_configs(group, data_dir, cache_dir, limit, split),
