@@ -21,13 +21,22 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     table = (out / "results.md").read_text()
-    for row in ("Full ZS", "Full FT", "uniform: Emu ZS", "uniform: Emu FT", "uniform: Plug-in", "uniform: Δ",
+    for row in ("Full ZS", "Full FT", "Adapter FT", "uniform: Emu ZS", "uniform: Emu FT", "uniform: Plug-in", "uniform: Δ",
                 "crash: Plug-in"):
         assert f"| {row} |" in table
     info = json.loads((out / "results.json").read_text())
     assert info["cells"]["Full ZS"]["piqa"]["n"] == 4
     assert info["cells"]["uniform: Emu FT"]["piqa"]["training"]["config"]["max_length"] == 256
     assert 0 <= info["table"]["uniform: Plug-in"]["avg"][0] <= 1
+    # Transfer = (Plug-in − Full ZS) / (Adapter FT − Full ZS), per method and task.
+    t = info["table"]
+    for task in ("piqa", "arc_easy"):
+        gain = t["Adapter FT"][task][0] - t["Full ZS"][task][0]
+        if gain:
+            want = (t["uniform: Plug-in"][task][0] - t["Full ZS"][task][0]) / gain
+            assert info["transfer"]["uniform"][task][0] == pytest.approx(want)
+    assert info["cells"]["Adapter FT"]["piqa"]["training"]["mode"] == "adapter"
+    assert "Transfer = (Plug-in − Full ZS)" in table
     cell = info["cells"]["uniform: Plug-in"]["piqa"]
     assert info["table_acc_norm"]["uniform: Plug-in"]["piqa"] == [cell["acc_norm"], cell["acc_norm_stderr"]]
     assert "acc_norm (length-normalised" in table

@@ -96,6 +96,9 @@ def add_commands(sub) -> None:
     p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep")
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
+    p.add_argument("--no-adapter-ft", dest="adapter_ft", action="store_false",
+                   help="skip the Adapter FT row (the adapter layers trained on the original itself, the "
+                        "denominator of transfer); saves one fine-tuning of the full model per task")
     p.add_argument("--limit", type=_positive_int, default=None, help="validation examples per task (default: all)")
     p.add_argument("--train-limit", type=_positive_int, default=1000, help="training rows per task")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
@@ -190,6 +193,7 @@ def cmd_pipeline(args) -> int:
                      "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass")
     cfg = PipelineConfig(
         model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
+        adapter_ft=args.adapter_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
         max_length=args.max_length,

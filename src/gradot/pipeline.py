@@ -1,7 +1,9 @@
 """The whole protocol on real tasks, in the published table layout.
 
-Per method: compress once. Per task: Full ZS, Emu ZS, Emu FT (adapter fine-tuned on the emulator),
-Plug-in (that adapter in the original model), and with ``full_ft`` the Full FT upper bound. Every
+Per method: compress once. Per task: Full ZS, Adapter FT (the adapter layers fine-tuned directly on
+the original with the same recipe: every emulator's ceiling), Emu ZS, Emu FT (adapter fine-tuned on
+the emulator), Plug-in (that adapter in the original model), the transfer ratio
+(Plug-in − Full ZS) / (Adapter FT − Full ZS), and with ``full_ft`` the Full FT upper bound. Every
 finished cell (an evaluation, a fine-tuned adapter) is cached under the output folder, so an
 interrupted run resumes where it stopped.
 """
@@ -28,10 +30,11 @@ from .lmeval_tasks import evaluate
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import load_task
+from .transfer import accuracy_transfer
 
 log = logging.getLogger(__name__)
 
-ROWS = ("Full ZS", "Full FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
+ROWS = ("Full ZS", "Full FT", "Adapter FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
 
 #: The output folder's record of the settings its cells were computed with.
 SETTINGS_FILE = "settings.json"
@@ -51,6 +54,7 @@ class PipelineConfig:
     keep: float
     out: str
     full_ft: bool = False
+    adapter_ft: bool = True  # the Adapter FT row (transfer's denominator)
     limit: int | None = None  # validation examples per task (None: all)
     train_limit: int | None = 1000  # training rows per task (None: all)
     epochs: float = 1.0
@@ -188,6 +192,8 @@ class Pipeline:
             cells.setdefault("Full ZS", {})[task] = self._cell(f"full_zs-{task}", lambda: self._evaluate(self.model, task))
             if c.full_ft:
                 cells.setdefault("Full FT", {})[task] = self._cell(f"full_ft-{task}", lambda: self._full_ft(task))
+            if c.adapter_ft:
+                cells.setdefault("Adapter FT", {})[task] = self._cell(f"adapter_ft-{task}", lambda: self._adapter_ft(task))
         for method in c.methods:
             emu_dir = self.emulator(method)
             for task in c.tasks:
@@ -220,6 +226,18 @@ class Pipeline:
         finally:
             self._restore_original()
 
+    def _adapter_ft(self, task: str) -> dict:
+        """The adapter layers trained on the original itself (a keep-1.0 emulator), same recipe."""
+        from .baselines import uniform_emulator
+
+        original = uniform_emulator(self.model, self.split, 1.0)
+        cfg = self._ft_config(self.out / "checkpoints" / f"adapter-{task}", task)
+        original, stats = finetune_adapter(original, self.tok, self._records(task), cfg)
+        result = self._evaluate(original.model, task)
+        result["training"] = {k: v for k, v in stats.items() if k != "loss_history"}
+        del original
+        return result
+
     def _full_ft(self, task: str) -> dict:
         model = copy.deepcopy(self.model)
         cfg = self._ft_config(self.out / "checkpoints" / f"full-{task}", task)
@@ -244,11 +262,12 @@ class Pipeline:
             "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
             "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
             "table_acc_norm": {r: {t: list(v) for t, v in row.items()} for r, row in norm.items() if row},
+            "transfer": {m: {t: list(v) for t, v in row.items()} for m, row in transfer_table(table, c.tasks, c.methods).items()},
             "cells": cells,
         }
         (self.out / "results.json").write_text(json.dumps(info, indent=1))
         (self.out / "results.md").write_text(markdown_table(info, c.tasks))
-        plot(table, c, self.out / "results.png")
+        plot(table, c, self.out / "results.png", transfer=info["transfer"])
         return info
 
 
@@ -268,6 +287,22 @@ def build_table(cells: dict[str, dict[str, dict]], tasks: list[str], methods: li
             row["avg"] = (sum(v[0] for v in row.values()) / len(tasks),
                           math.sqrt(sum(v[1] ** 2 for v in row.values())) / len(tasks))
     return table
+
+
+def transfer_table(table: dict, tasks: list[str], methods: list[str]) -> dict:
+    """``{method: {task: (transfer, stderr)}}``: (Plug-in − Full ZS) / (Adapter FT − Full ZS).
+
+    The ``avg`` column is the ratio of the averages (average gain of the plug-in over average gain of
+    Adapter FT), not the average of ratios: a task where Adapter FT gains nothing would make its
+    own ratio meaningless and swamp a mean of ratios.
+    """
+    zs, ceiling = table.get("Full ZS", {}), table.get("Adapter FT", {})
+    out = {}
+    for method in methods:
+        plug = table.get(f"{method}: Plug-in", {})
+        out[method] = {t: accuracy_transfer(plug[t], zs[t], ceiling[t])
+                       for t in [*tasks, "avg"] if t in plug and t in zs and t in ceiling}
+    return {m: row for m, row in out.items() if row}
 
 
 def plug_adapter_into_emulator(emulator, adapter_dir: Path) -> None:
@@ -300,6 +335,15 @@ def markdown_table(info: dict, tasks: list[str]) -> str:
         f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
     ]
     lines += _table_lines(info["table"], cols)
+    if info.get("transfer"):
+        lines += ["", "Transfer = (Plug-in − Full ZS) / (Adapter FT − Full ZS): the share of the gain of training the "
+                  "adapter layers on the original that the emulator-trained adapter carries (1 = all of it). "
+                  "avg: ratio of the average gains. ± from the three scores' standard errors, taken as "
+                  "independent (conservative: they are measured on the same questions).", ""]
+        lines += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for method, row in info["transfer"].items():
+            lines.append(f"| {method} | " + " | ".join(
+                f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "–" for c in cols) + " |")
     if info.get("table_acc_norm"):
         lines += ["", "acc_norm (length-normalised log-likelihood), where the harness reports it:", ""]
         lines += _table_lines(info["table_acc_norm"], cols)
@@ -330,15 +374,20 @@ def _table_lines(table: dict, cols: list[str]) -> list[str]:
     return lines
 
 
-def plot(table: dict, cfg: PipelineConfig, path: Path) -> None:
-    """Per-task bars of Emu ZS / Emu FT / Plug-in (per method) next to Full ZS / Full FT."""
+def plot(table: dict, cfg: PipelineConfig, path: Path, transfer: dict | None = None) -> None:
+    """Per-task bars of Emu ZS / Emu FT / Plug-in (per method) next to Full ZS / Full FT / Adapter FT;
+    below, where there is an Adapter FT row, each method's transfer per task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in table if not r.endswith("Δ")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cfg.tasks) * max(1, len(rows)) / 4), 4))
+    width_in = max(6, 1.8 * len(cfg.tasks) * max(1, len(rows)) / 4)
+    if transfer:
+        fig, (ax, tax) = plt.subplots(2, 1, figsize=(width_in, 7), gridspec_kw={"height_ratios": [4, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(width_in, 4))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         xs = [t + i * width for t in range(len(cfg.tasks))]
@@ -350,6 +399,18 @@ def plot(table: dict, cfg: PipelineConfig, path: Path) -> None:
     ax.set_title(f"{cfg.model}, keep {cfg.keep}")
     # Below the axes: inside them the legend hid the tallest bars.
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    if transfer:
+        cols = [*cfg.tasks, "avg"]
+        tw = 0.8 / len(transfer)
+        for i, (method, row) in enumerate(transfer.items()):
+            xs = [t + i * tw for t in range(len(cols))]
+            tax.bar(xs, [row.get(c, (float("nan"), 0))[0] for c in cols], tw,
+                    yerr=[row.get(c, (0, 0))[1] for c in cols], label=method, capsize=2)
+        tax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        tax.set_xticks([t + 0.4 - tw / 2 for t in range(len(cols))], cols)
+        tax.set_ylabel("transfer")
+        tax.set_ylim(-0.5, 1.5)  # a task with almost no gain has a wild ratio: keep the scale readable
+        tax.legend(fontsize=7, ncol=4, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,404 @@
+"""Cheap, low-noise transfer bench: does an adapter trained on the emulator help the full model?
+
+Per (emulator, recipe, task) cell: train the adapter layers N steps on the emulator and, on the same
+batches in the same order, directly on the original ("Adapter FT", cached per recipe and task); then
+measure on held-back training rows (never trained on, not the validation set) the *original*
+model's answer-token loss with the plugged adapter. Loss transfer = (base − plugged) / (base −
+direct), paired per row, ± its delta-method standard error. Also per cell: the emulator's own
+held-out loss before and after training (cheap stand-ins for Emu ZS and Emu FT), and the
+adapter-gradient cosine at the start (the older proxy); per emulator: achieved keep, WikiText-2 test
+token perplexity (privacy), compression seconds.
+
+An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
+ridge, k); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss). Every finished cell is
+a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
+``--report-only`` rebuilds ``OUT/transfer.md`` / ``transfer.json`` from the cells there are.
+
+    OMP_NUM_THREADS=1 python bench/transfer.py --out results/transfer \\
+        --emulators uniform:keep=0.4 gradot:keep=0.4,allocation=global --recipes lr=1e-4 --tasks arc_easy,sciq
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from gradot.artifacts import load_emulator, save_emulator
+from gradot.baselines import uniform_emulator
+from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
+from gradot.compensate import compensate
+from gradot.finetune import FinetuneConfig, finetune_adapter, task_records
+from gradot.modeling import load_model
+from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
+from gradot.split import adapter_state_dict, split_model
+from gradot.tasks import load_task, resolve_data_dir
+from gradot.transfer import answer_losses, loss_transfer
+
+EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
+                 "refit": str, "ridge": float, "k": int}
+EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
+                     "refit": "none", "ridge": 1e-2, "k": 2}
+RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str}
+RECIPE_DEFAULTS = {"lr": 1e-4, "steps": 40, "lora": 0, "pull": 0.0, "loss": "answer"}
+
+
+def parse_spec(text: str, keys: dict, defaults: dict, with_method: bool) -> dict:
+    spec = dict(defaults)
+    body = text
+    if with_method:
+        method, _, body = text.partition(":")
+        spec["method"] = method
+    for item in filter(None, body.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in keys:
+            raise SystemExit(f"bad spec item {item!r} in {text!r} (keys: {', '.join(keys)})")
+        spec[key] = keys[key](value)
+    if not with_method and spec["loss"] not in ("answer", "all"):
+        raise SystemExit(f"loss must be 'answer' or 'all' in {text!r}")
+    return spec
+
+
+def slug(spec: dict) -> str:
+    """Readable, stable file name of a spec: the non-default settings, plus a short hash of all."""
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    defaults = {**EMULATOR_DEFAULTS, **RECIPE_DEFAULTS}
+    parts = [spec.get("method", "recipe")] + [f"{k}{v}" for k, v in sorted(spec.items())
+                                               if k != "method" and defaults.get(k) != v]
+    return "-".join(parts + [digest])
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", default="results/transfer")
+    p.add_argument("--emulators", nargs="+", default=["uniform:keep=0.4", "gradot:keep=0.4"])
+    p.add_argument("--recipes", nargs="+", default=[""])
+    p.add_argument("--tasks", default="arc_easy,sciq,piqa,openbookqa")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heldout", type=int, default=160, help="held-back training rows scored per task")
+    p.add_argument("--grad-batches", type=int, default=4, help="batches for the adapter-gradient cosine (0: skip)")
+    p.add_argument("--ppl-sequences", type=int, default=8)
+    p.add_argument("--ppl-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        self._model = self._tok = None
+        self._factors: dict = {}
+        self._data: dict = {}
+        self._grads: dict = {}
+
+    # -- shared state -------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            self._model, self._tok = load_model(self.args.model)
+            self._model.eval()
+        return self._model
+
+    @property
+    def tok(self):
+        self.model
+        return self._tok
+
+    def cell(self, name: str, compute):
+        path = self.out / "cells" / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        if self.args.report_only:
+            return None
+        t0 = time.perf_counter()
+        value = compute()
+        value["seconds"] = round(time.perf_counter() - t0, 1)
+        value["git_commit"] = git_commit()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        tmp.replace(path)
+        return value
+
+    def data(self, task: str, recipe: dict):
+        """(training records, held-back pairs): a seeded shuffle of the train split, disjoint parts."""
+        key = (task, recipe["steps"])
+        if key not in self._data:
+            rows = load_task(task, "train")
+            random.Random(self.args.seed).shuffle(rows)
+            n_train = recipe["steps"] * self.args.batch_size
+            if len(rows) < n_train + self.args.heldout:
+                raise SystemExit(f"{task}: {len(rows)} train rows, {n_train} + {self.args.heldout} needed")
+            train = task_records(rows[:n_train])
+            held = [(r.prompt, r.continuation()) for r in rows[n_train:n_train + self.args.heldout]]
+            self._data[key] = (train, held)
+        return self._data[key]
+
+    # -- emulators ----------------------------------------------------------------------------
+    def calibration(self, spec: dict):
+        cs = CalibrationSpec(str(default_calibration_path()), spec["calib"], spec["calib_len"], 8)
+        return calibration_batches(self.tok, cs), cs
+
+    def build_emulator(self, spec: dict):
+        split = split_model(self.model, spec["k"])
+        method = spec["method"]
+        if method == "original":
+            return uniform_emulator(self.model, split, 1.0)
+        if method in ("gradot", "svd", "wanda"):
+            from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears, needs_gradients
+            from gradot.kfac import collect_kfac
+
+            selection = {"gradot": "gcs", "svd": "svd", "wanda": "wanda"}[method]
+            cfg = GradOTConfig(keep=spec["keep"], lambda_attn=spec["lambda"] if selection == "gcs" else 0.0,
+                               lambda_mlp=spec["lambda"] if selection == "gcs" else 0.0,
+                               allocation=spec["allocation"] if selection == "gcs" else "uniform",
+                               selection=selection)
+            factors = None
+            if selection != "svd":
+                key = (spec["calib"], spec["calib_len"], spec["k"], selection == "wanda", needs_gradients(cfg))
+                if key not in self._factors:
+                    batches, _ = self.calibration(spec)
+                    self._factors = {key: collect_kfac(
+                        self.model, middle_linears(self.model, split, mlp_only=selection == "wanda"), batches,
+                        gradients=needs_gradients(cfg))}  # one set in memory at a time
+                factors = self._factors[key]
+            return gradot_emulator(self.model, split, cfg, factors, method=method)
+        from gradot.methods import compress
+
+        args = Namespace(method=method, keep=spec["keep"], adapter_layers=spec["k"], calib=None,
+                         calib_sequences=spec["calib"], calib_len=spec["calib_len"], batch_size=8)
+        return compress(self.model, self.tok, args)
+
+    def emulator(self, spec: dict):
+        """The emulator of a spec, built once and kept on disk; its privacy figures as a cell."""
+        folder = self.out / "emulators" / slug(spec)
+        if not (folder / "manifest.json").exists():
+            t0 = time.perf_counter()
+            emu = self.build_emulator(spec)
+            if spec["refit"] != "none":
+                batches, _ = self.calibration(spec)
+                compensate(self.model, emu, batches, ridge=spec["ridge"], scope=spec["refit"])
+            emu.manifest.setdefault("settings", {})["bench_compress_seconds"] = round(time.perf_counter() - t0, 1)
+            save_emulator(emu, folder, overwrite=True)
+        emu = load_emulator(folder)
+
+        def privacy():
+            test = resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.test.raw"
+            ppl = calibration_batches(self.tok, CalibrationSpec(str(test), self.args.ppl_sequences, self.args.ppl_len, 4))
+            return {"spec": spec, "keep_achieved": emu.manifest["size"]["keep_achieved"],
+                    "depth": emu.manifest["size"]["emulator_depth"], "perplexity": perplexity(emu.model, ppl),
+                    "compress_seconds": emu.manifest["settings"].get("bench_compress_seconds")}
+
+        return emu, self.cell(f"emulator-{slug(spec)}", privacy)
+
+    # -- training and scoring -----------------------------------------------------------------
+    def train(self, emu, recipe: dict, task: str) -> dict:
+        train, _ = self.data(task, recipe)
+        if recipe["loss"] == "all":  # every token of prompt + answer labelled
+            train = [p + c for p, c in train]
+        callbacks = [PullCallback(emu.adapter_parameters(), recipe["pull"])] if recipe["pull"] else None
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            cfg = FinetuneConfig(output_dir=tmp, task=task, learning_rate=recipe["lr"], max_steps=recipe["steps"],
+                                 batch_size=self.args.batch_size, seed=self.args.seed, lora_r=recipe["lora"],
+                                 save_steps=10**6, logging_steps=max(1, recipe["steps"] // 4))
+            emu, stats = finetune_adapter(emu, self.tok, train, cfg, callbacks=callbacks)
+        return {k: v for k, v in stats.items() if k in ("train_loss", "seconds_per_step", "steps")}
+
+    def plugged_losses(self, emu, held) -> list[float]:
+        """The original model's held-out losses with the emulator's adapter layers plugged in."""
+        own = adapter_state_dict(self.model, emu.adapter_sources)
+        saved = {k: v.detach().clone() for k, v in own.items()}
+        trained = adapter_state_dict(emu.model, emu.adapter_sources, emu.adapter_positions)
+        try:
+            with torch.no_grad():
+                for name, t in trained.items():
+                    own[name].copy_(t)
+            return answer_losses(self.model, self.tok, held, batch_size=16, desc="plug-in loss")
+        finally:
+            with torch.no_grad():
+                for name, t in saved.items():
+                    own[name].copy_(t)
+
+    def gradients(self, model, positions, task, recipe):
+        train, _ = self.data(task, recipe)
+        n = self.args.grad_batches * self.args.batch_size
+        batches = [encode_pairs(self.tok, train[i:i + self.args.batch_size]) for i in range(0, n, self.args.batch_size)]
+        return adapter_gradients(model, positions, batches)
+
+    def reference(self, recipe: dict, task: str) -> dict:
+        """Adapter FT on the original with this recipe: the base and the direct losses per row."""
+        def compute():
+            _, held = self.data(task, recipe)
+            base = answer_losses(self.model, self.tok, held, batch_size=16, desc="base loss")
+            original = uniform_emulator(self.model, split_model(self.model, 2), 1.0)
+            training = self.train(original, recipe, task)
+            direct = answer_losses(original.model, self.tok, held, batch_size=16, desc="direct loss")
+            return {"task": task, "recipe": recipe, "base": base, "direct": direct, "training": training}
+
+        return self.cell(f"reference-{task}-{slug(recipe)}", compute)
+
+    def transfer_cell(self, spec: dict, recipe: dict, task: str) -> dict | None:
+        ref = self.reference(recipe, task)
+        if ref is None:
+            return None
+
+        def compute():
+            _, held = self.data(task, recipe)
+            emu, _ = self.emulator(spec)
+            out = {"task": task, "emulator": spec, "recipe": recipe}
+            if self.args.grad_batches:
+                key = (task, recipe["steps"])
+                if key not in self._grads:
+                    self._grads[key] = self.gradients(self.model, split_model(self.model, spec["k"]).adapter, task, recipe)
+                cos = cosines(self._grads[key], self.gradients(emu.model, emu.adapter_positions, task, recipe))
+                out["grad_cosine"] = mean_and_stderr(cos)
+            out["emu_before"] = answer_losses(emu.model, self.tok, held, batch_size=16, desc="emulator loss")
+            out["training"] = self.train(emu, recipe, task)
+            out["emu_after"] = answer_losses(emu.model, self.tok, held, batch_size=16, desc="emulator FT loss")
+            out["plugged"] = self.plugged_losses(emu, held)
+            out["transfer"] = loss_transfer(ref["base"], out["plugged"], ref["direct"])
+            return out
+
+        return self.cell(f"cell-{task}-{slug(spec)}-{slug(recipe)}", compute)
+
+
+class PullCallback:
+    """L2 pull of the adapter toward its starting weights (L2-SP), added to the gradient before each
+    optimizer step: the data owner keeps the adapter near what the full model expects."""
+
+    def __new__(cls, params, strength):
+        from transformers import TrainerCallback
+
+        class _Pull(TrainerCallback):
+            def __init__(self):
+                self.params = list(params)
+                self.start = [p.detach().clone() for p in self.params]
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                with torch.no_grad():
+                    for p, p0 in zip(self.params, self.start):
+                        if p.grad is not None:
+                            p.grad.add_(p - p0, alpha=strength)
+
+        return _Pull()
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def summarize(cells, emulators, tasks) -> list[dict]:
+    rows = []
+    for espec, recipe, per_task in cells:
+        done = {t: c for t, c in per_task.items() if c is not None}
+        if not done:
+            continue
+        em = emulators.get(slug(espec)) or {}
+        tr = [done[t]["transfer"] for t in tasks if t in done]
+        n = len(tr)
+        row = {
+            "emulator": espec, "recipe": recipe, "tasks": sorted(done),
+            "transfer_mean": sum(r for r, _ in tr) / n,
+            "transfer_se": (sum(se ** 2 for _, se in tr)) ** 0.5 / n,
+            "per_task": {t: done[t]["transfer"] for t in done},
+            "emu_loss_before": mean([mean(done[t]["emu_before"]) for t in done]),
+            "emu_loss_after": mean([mean(done[t]["emu_after"]) for t in done]),
+            "grad_cosine": mean([done[t]["grad_cosine"][0] for t in done]) if all("grad_cosine" in done[t] for t in done) else None,
+            "keep_achieved": em.get("keep_achieved"), "perplexity": em.get("perplexity"),
+            "compress_seconds": em.get("compress_seconds"),
+            "seconds_per_step": mean([done[t]["training"]["seconds_per_step"] or 0 for t in done]),
+        }
+        rows.append(row)
+    return rows
+
+
+def describe(spec: dict, defaults: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method" and defaults.get(k) != v)
+    return f"{spec['method']} {text}".strip() if "method" in spec else (text or "default")
+
+
+def report(args, out: Path, rows, refs, missing):
+    tasks = args.tasks.split(",")
+    lines = ["# Transfer bench", "",
+             f"Command: `{' '.join(['python', 'bench/transfer.py', *sys.argv[1:]])}`  ",
+             f"Commit {git_commit()}; {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+             f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}  ",
+             f"Model {args.model}; tasks {', '.join(tasks)}; {args.batch_size} rows per step; "
+             f"{args.heldout} held-back training rows per task.", "",
+             "transfer = (base − plugged) / (base − direct) of the original model's mean answer-token loss on "
+             "held-back rows, paired per row; mean over tasks ± standard error. Emu loss before/after: the "
+             "emulator's own held-out loss before and after training (stand-ins for Emu ZS / Emu FT). "
+             "ppl: WikiText-2 test token perplexity of the emulator (higher = more private).", "",
+             "| emulator | recipe | keep | ppl | emu loss before | emu loss after | grad cos | transfer | "
+             + " | ".join(tasks) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        per = [f"{r['per_task'][t][0]:.2f} ± {r['per_task'][t][1]:.2f}" if t in r["per_task"] else "–" for t in tasks]
+        lines.append(
+            f"| {describe(r['emulator'], EMULATOR_DEFAULTS)} | {describe(r['recipe'], RECIPE_DEFAULTS)} | "
+            f"{(r['keep_achieved'] or float('nan')):.3f} | {(r['perplexity'] or float('nan')):.0f} | "
+            f"{r['emu_loss_before']:.3f} | {r['emu_loss_after']:.3f} | "
+            f"{r['grad_cosine'] if r['grad_cosine'] is None else round(r['grad_cosine'], 3)} | "
+            f"**{r['transfer_mean']:.2f} ± {r['transfer_se']:.2f}** | " + " | ".join(per) + " |")
+    lines += ["", "Direct training (Adapter FT) per task and recipe: base → direct mean held-out loss.", ""]
+    for ref in refs:
+        lines.append(f"- {ref['task']}, {describe(ref['recipe'], RECIPE_DEFAULTS)}: "
+                     f"{mean(ref['base']):.3f} → {mean(ref['direct']):.3f}")
+    if missing:
+        lines += ["", f"Cells not computed yet: {len(missing)}."]
+    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    (out / "transfer.json").write_text(json.dumps({"command": " ".join(sys.argv), "git_commit": git_commit(),
+                                                    "rows": rows, "missing": missing}, indent=1))
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = args.tasks.split(",")
+    emulators = [parse_spec(e, EMULATOR_KEYS, EMULATOR_DEFAULTS, True) for e in args.emulators]
+    recipes = [parse_spec(r, RECIPE_KEYS, RECIPE_DEFAULTS, False) for r in args.recipes]
+    bench = Bench(args)
+    cells, emu_rows, missing = {}, {}, []
+    for espec in emulators:
+        for recipe in recipes:
+            for task in tasks:
+                value = bench.transfer_cell(espec, recipe, task)
+                if value is None:
+                    missing.append(f"{task}/{slug(espec)}/{slug(recipe)}")
+                cells.setdefault((json.dumps(espec, sort_keys=True), json.dumps(recipe, sort_keys=True)), {})[task] = value
+                if value is not None:
+                    r = value["transfer"]
+                    print(f"{task:11s} {slug(espec):40s} {slug(recipe):28s} transfer {r[0]:.3f} ± {r[1]:.3f}", flush=True)
+        em = bench.out / "cells" / f"emulator-{slug(espec)}.json"
+        if em.exists():
+            emu_rows[slug(espec)] = json.loads(em.read_text())
+    refs = [json.loads(p.read_text()) for p in sorted((bench.out / "cells").glob("reference-*.json"))]
+    rows = summarize([(json.loads(e), json.loads(r), v) for (e, r), v in cells.items()], emu_rows, tasks)
+    report(args, bench.out, rows, refs, missing)
+
+
+if __name__ == "__main__":
+    main()

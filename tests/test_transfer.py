@@ -1,0 +1,110 @@
+"""Transfer ratios (accuracy and loss) and training-free compensation of an emulator."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import calib_batches, tiny_model, tiny_tokenizer
+from gradot.artifacts import load_emulator, save_emulator
+from gradot.baselines import crash_emulator, uniform_emulator
+from gradot.compensate import CompensationError, compensate
+from gradot.registry import decoder_layers
+from gradot.split import adapter_state_dict, split_model
+from gradot.transfer import accuracy_transfer, answer_losses, loss_transfer, ratio_of_means
+
+
+def test_accuracy_transfer_endpoints_and_error():
+    assert accuracy_transfer((0.60, 0.02), (0.50, 0.02), (0.60, 0.02))[0] == pytest.approx(1.0)
+    assert accuracy_transfer((0.50, 0.02), (0.50, 0.02), (0.60, 0.02))[0] == pytest.approx(0.0)
+    r, se = accuracy_transfer((0.55, 0.02), (0.50, 0.02), (0.60, 0.02))
+    assert r == pytest.approx(0.5)
+    # Delta method: sqrt(sp² + r² sa² + (r-1)² sz²) / gain.
+    assert se == pytest.approx(math.sqrt(0.02**2 * (1 + 0.25 + 0.25)) / 0.1)
+    assert math.isnan(accuracy_transfer((0.5, 0.1), (0.5, 0.1), (0.5, 0.1))[0])
+
+
+def test_ratio_of_means_is_paired():
+    den = [1.0, 2.0, 3.0, 4.0]
+    r, se = ratio_of_means([2 * d for d in den], den)
+    assert r == pytest.approx(2.0) and se == pytest.approx(0.0, abs=1e-12)  # exactly proportional: no error
+    r, se = ratio_of_means([1.0, 3.0, 2.0, 6.0], den)
+    assert r == pytest.approx(1.2) and se > 0
+    with pytest.raises(ValueError):
+        ratio_of_means([1.0], [1.0])
+
+
+def test_loss_transfer_is_one_when_plugged_equals_direct_and_zero_when_unchanged():
+    base, direct = [3.0, 2.5, 4.0], [2.0, 2.0, 3.0]
+    assert loss_transfer(base, direct, direct)[0] == pytest.approx(1.0)
+    assert loss_transfer(base, base, direct)[0] == pytest.approx(0.0)
+
+
+def test_answer_losses_count_only_the_answer():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    pairs = [("the cat sat", " on the mat"), ("a b c d e f", " g")]
+    losses = answer_losses(model, tok, pairs, batch_size=2)
+    alone = [answer_losses(model, tok, [p], batch_size=1)[0] for p in pairs]
+    assert losses == pytest.approx(alone, rel=1e-5)  # padding changes nothing
+    assert all(v > 0 for v in losses)
+
+
+def _top_stream(model, emulator_or_model, batches, index):
+    """Residual stream entering decoder layer ``index`` of a model, over the batches."""
+    out = []
+    layer = decoder_layers(emulator_or_model)[index]
+    h = layer.register_forward_pre_hook(lambda m, a, k: out.append((a[0] if a else k["hidden_states"]).clone()),
+                                        with_kwargs=True)
+    with torch.no_grad():
+        for ids in batches:
+            emulator_or_model(input_ids=ids, use_cache=False)
+    h.remove()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("scope", ["all", "last"])
+def test_compensation_brings_the_top_adapter_input_closer_to_the_original(arch, scope):
+    model = tiny_model(arch, layers=8)
+    split = split_model(model, 2)
+    emu = uniform_emulator(model, split, 0.5)
+    # In-sample: a random model's dropped layers add nothing its kept MLPs can predict on new tokens
+    # (bench/transfer.py measures generalisation on the real model); least squares must still fit.
+    fit = held_out = calib_batches(n=16, seq=16, seed=1)
+    top_pos = emu.adapter_positions[len(emu.adapter_positions) // 2]
+    want = _top_stream(model, model, held_out, split.top[0])
+    before = (_top_stream(model, emu.model, held_out, top_pos) - want).norm()
+    adapters = {k: v.clone() for k, v in adapter_state_dict(emu.model, emu.adapter_positions).items()}
+    compensate(model, emu, fit, ridge=1e-2, scope=scope)
+    after = (_top_stream(model, emu.model, held_out, top_pos) - want).norm()
+    assert after < before
+    # The adapter layers, what the data owner trains and the owner's model must match, are untouched.
+    for name, t in adapter_state_dict(emu.model, emu.adapter_positions).items():
+        assert torch.equal(t, adapters[name])
+    record = emu.manifest["settings"]["compensation"]
+    assert record["scope"] == scope and all(e < 1 for e in record["relative_error"].values())
+
+
+def test_compensated_emulator_saves_and_loads(tmp_path):
+    model = tiny_model("llama", layers=8)
+    emu = compensate(model, uniform_emulator(model, split_model(model, 2), 0.5), calib_batches(n=8, seq=16))
+    save_emulator(emu, tmp_path / "emu")
+    loaded = load_emulator(tmp_path / "emu")
+    ids = calib_batches(n=2, seq=16, seed=3)[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, emu.model(input_ids=ids).logits, atol=1e-5)
+    assert loaded.manifest["settings"]["compensation"]["ridge"] == 1e-2
+
+
+def test_compensation_refuses_shared_layers_and_bad_settings():
+    model = tiny_model("llama", layers=8)
+    split = split_model(model, 2)
+    shared = crash_emulator(model, split, 0.5, calib_batches())
+    if any(s.shares is not None for s in shared.slots):
+        with pytest.raises(CompensationError):
+            compensate(model, shared, calib_batches())
+    emu = uniform_emulator(model, split, 0.5)
+    with pytest.raises(ValueError):
+        compensate(model, emu, calib_batches(), scope="first")
+    with pytest.raises(ValueError):
+        compensate(model, emu, calib_batches(), ridge=0)
