@@ -24,23 +24,30 @@ from tqdm.auto import tqdm
 def answer_losses(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
                   max_length: int = 256, desc: str = "held-out loss") -> list[float]:
     """Mean answer-token negative log-likelihood of each (prompt, continuation) pair, encoded
-    exactly as for fine-tuning (loss on the continuation only)."""
+    exactly as for fine-tuning (loss on the continuation only). The LM head runs only at the answer
+    positions (``SkipHead``): the prompt's logits are never formed."""
+    from .head_loss import SkipHead
     from .proxy import encode_pairs
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     out: list[float] = []
     try:
-        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
-            batch = encode_pairs(tokenizer, pairs[start:start + batch_size], max_length=max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            counts = (labels != -100).sum(1).clamp(min=1)
-            out.extend((nll.sum(1) / counts).tolist())
+        with SkipHead(head) as skip:
+            for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
+                batch = encode_pairs(tokenizer, pairs[start:start + batch_size], max_length=max_length)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                labels = batch["labels"][:, 1:]
+                keep = labels != -100
+                # hidden t predicts label t + 1; the head by hand (calling it would hit the hook)
+                logits = nn.functional.linear(skip.hidden[:, :-1][keep], head.weight, head.bias).float()
+                nll = nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+                rows = keep.nonzero()[:, 0]
+                sums = torch.zeros(len(labels), dtype=torch.float32, device=device).index_add_(0, rows, nll)
+                out.extend((sums / keep.sum(1).clamp(min=1)).tolist())
     finally:
         model.train(was_training)
     return out
