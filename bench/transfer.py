@@ -248,20 +248,20 @@ class Bench:
         batches = [encode_pairs(self.tok, train[i:i + self.args.batch_size]) for i in range(0, n, self.args.batch_size)]
         return adapter_gradients(model, positions, batches)
 
-    def reference(self, recipe: dict, task: str) -> dict:
-        """Adapter FT on the original with this recipe: the base and the direct losses per row."""
+    def reference(self, recipe: dict, task: str, k: int = 2) -> dict:
+        """Adapter FT on the original with this recipe and split: the base and direct losses per row."""
         def compute():
             _, held = self.data(task, recipe)
             base = answer_losses(self.model, self.tok, held, batch_size=16, desc="base loss")
-            original = uniform_emulator(self.model, split_model(self.model, 2), 1.0)
+            original = uniform_emulator(self.model, split_model(self.model, k), 1.0)
             training = self.train(original, recipe, task)
             direct = answer_losses(original.model, self.tok, held, batch_size=16, desc="direct loss")
-            return {"task": task, "recipe": recipe, "base": base, "direct": direct, "training": training}
+            return {"task": task, "recipe": recipe, "k": k, "base": base, "direct": direct, "training": training}
 
-        return self.cell(f"reference-{task}-{slug(recipe)}", compute)
+        return self.cell(f"reference-{task}-{slug(recipe)}" + (f"-k{k}" if k != 2 else ""), compute)
 
     def transfer_cell(self, spec: dict, recipe: dict, task: str) -> dict | None:
-        ref = self.reference(recipe, task)
+        ref = self.reference(recipe, task, spec["k"])
         if ref is None:
             return None
 
@@ -365,7 +365,7 @@ def report(args, out: Path, rows, refs, missing):
             f"**{r['transfer_mean']:.2f} ± {r['transfer_se']:.2f}** | " + " | ".join(per) + " |")
     lines += ["", "Direct training (Adapter FT) per task and recipe: base → direct mean held-out loss.", ""]
     for ref in refs:
-        lines.append(f"- {ref['task']}, {describe(ref['recipe'], RECIPE_DEFAULTS)}: "
+        lines.append(f"- {ref['task']}, {describe(ref['recipe'], RECIPE_DEFAULTS)}, k={ref.get('k', 2)}: "
                      f"{mean(ref['base']):.3f} → {mean(ref['direct']):.3f}")
     if missing:
         lines += ["", f"Cells not computed yet: {len(missing)}."]
