@@ -369,10 +369,49 @@ def report(args, out: Path, rows, refs, missing):
                      f"{mean(ref['base']):.3f} → {mean(ref['direct']):.3f}")
     if missing:
         lines += ["", f"Cells not computed yet: {len(missing)}."]
+    if rows:
+        plot_frontier(rows, out / "frontier.png")
+        lines += ["", "![transfer against privacy](frontier.png)"]
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     (out / "transfer.json").write_text(json.dumps({"command": " ".join(sys.argv), "git_commit": git_commit(),
                                                     "rows": rows, "missing": missing}, indent=1))
     print("\n".join(lines))
+
+
+def plot_frontier(rows, path: Path) -> None:
+    """Loss transfer against the two privacy figures (emulator perplexity, its held-out loss before
+    training), one series per method and lever, points labelled with the achieved keep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    series: dict[str, list] = {}
+    for r in rows:
+        e = {k: v for k, v in r["emulator"].items() if k not in ("keep",)}
+        label = describe(e, EMULATOR_DEFAULTS) + ("" if describe(r["recipe"], RECIPE_DEFAULTS) == "default"
+                                                  else f" [{describe(r['recipe'], RECIPE_DEFAULTS)}]")
+        series.setdefault(label, []).append(r)
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["keep_achieved"] or 0)
+        for ax, x in zip(axes, ("perplexity", "emu_loss_before")):
+            xs = [r[x] for r in rs]
+            ax.errorbar(xs, [r["transfer_mean"] for r in rs], yerr=[r["transfer_se"] for r in rs],
+                        marker="o", capsize=2, label=label)
+            for r, xv in zip(rs, xs):
+                ax.annotate(f"{r['keep_achieved']:.2f}", (xv, r["transfer_mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("emulator perplexity (WikiText-2 test; higher = more private)")
+    axes[1].set_xlabel("emulator held-out answer loss before training (higher = more private)")
+    axes[0].set_ylabel("loss transfer")
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].legend(fontsize=6, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
