@@ -54,9 +54,28 @@ def _requests(model, max_length: int, seed: int = 0):
     return requests
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def _emulator(kind: str):
+    """Emulators whose KV cache is less plain: CRaSh repeats a layer's weights at several
+    positions (each its own cache slot); GradOT replaces linears by low-rank pairs."""
+    from conftest import calib_batches
+
+    from gradot.baselines import crash_emulator
+    from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears
+    from gradot.kfac import collect_kfac
+    from gradot.split import split_model
+
+    model = tiny_model("llama")
+    split = split_model(model, 1)
+    if kind == "crash":
+        return crash_emulator(model, split, 0.5, calib_batches()).model
+    factors = collect_kfac(model, middle_linears(model, split), calib_batches(), progress=False)
+    return gradot_emulator(model, split, GradOTConfig(keep=0.5), factors).model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "mistral", "crash", "gradot"])
 def test_same_loglikelihoods_as_hflm(arch):
-    model, tok = tiny_model(arch).eval(), tiny_tokenizer()
+    model = (_emulator(arch) if arch in ("crash", "gradot") else tiny_model(arch)).eval()
+    tok = tiny_tokenizer()
     requests = _requests(model, max_length=48)
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=48)._loglikelihood_tokens(
         requests, disable_tqdm=True)
