@@ -6,7 +6,9 @@ head and the compressed middle stay frozen. ``finetune_full`` trains every param
 model, the "Full FT" upper bound of the result tables (DESIGN.md §4).
 
 Training runs through ``transformers.Trainer``, so ``accelerate launch`` (multi-GPU DDP), bf16,
-gradient accumulation, its tqdm progress bar and its log history work unchanged.
+gradient accumulation, its tqdm progress bar and its log history work unchanged. The loss applies
+the LM head only at labelled positions, in chunks (:mod:`gradot.head_loss`, the model's own loss to
+float rounding; ``FinetuneConfig.head_at_labels=False`` for the model's full-logits loss).
 
 Data
 ----
