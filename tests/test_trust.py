@@ -1051,3 +1051,178 @@ def test_config_swapped_after_its_hash_check_is_refused(emulator_dir, monkeypatc
     with pytest.raises(ArtifactError, match="config.json: content hash does not match") as exc:
         load_emulator(emulator_dir)
     assert_clean(exc.value, emulator_dir)
+
+
+# --------------------------------------------------------------------------------------------- hostile counterparts
+#
+# Holes an outside campaign of hand-made hostile artifacts got through (issue 14): each test below
+# failed on the code before the fix.
+
+
+def _hostile_k3_adapter(model, folder: Path) -> Path:
+    """An adapter claiming k = 3 whose fingerprint is right for k = 3: a uniform emulator of the
+    8-layer model ships layers 2 and 5 exactly, so the data owner can compute it; its layers 2 and 5
+    are rewritten."""
+    emu = uniform_emulator(model, split_model(model, 3), 0.5)
+    save_adapter(emu, folder)
+    tensors = read_st(folder / ADA)
+    for key in tensors:
+        if key.startswith(("model.layers.2.", "model.layers.5.")):
+            tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, folder / ADA)
+    rehash(folder, ADA)
+    return folder
+
+
+def test_only_the_owners_split_is_ever_plugged(shipped, tmp_path, capsys):
+    model, dirs = shipped
+    assert [s["source"] for s in read_manifest(dirs["uniform"])["slots"]] == [0, 1, 2, 5, 6, 7]
+    adapter = _hostile_k3_adapter(model, tmp_path / "k3")
+    target = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ArtifactError, match=r"adapter claims k=3 \(layers \[0, 1, 2, 5, 6, 7\]\), the model owner's "
+                                            r"split is k=2 \(layers \[0, 1, 6, 7\]\)") as exc:
+        plug_in(target, adapter)
+    assert_clean(exc.value, adapter)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # layers 2 and 5 untouched
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    # The CLI takes the split from the emulator the owner shipped, or from --adapter-layers (default 2).
+    for split_args in (["--emulator", dirs["uniform"]], [], ["--adapter-layers", "2"]):
+        code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter, "--out", tmp_path / "p",
+                               *split_args)
+        assert_one_line(code, err, "adapter claims k=3")
+    assert not (tmp_path / "p").exists()
+    # An owner who did compress with k = 3 says so, and gets exactly that.
+    plug_in(target, adapter, k=3)
+    assert torch.equal(target.state_dict()["model.layers.2.mlp.up_proj.weight"],
+                       torch.zeros_like(before["model.layers.2.mlp.up_proj.weight"]))
+
+
+def _drop_tensor(folder: Path, key: str) -> None:
+    tensors = read_st(folder / ADA)
+    del tensors[key]
+    save_file(tensors, folder / ADA)
+    m = read_manifest(folder)
+    del m["files"][ADA]["tensors"][key]
+    m["files"][ADA]["sha256"] = sha256_file(folder / ADA)
+    write_manifest(folder, m)
+
+
+def _adapter_of(model, folder: Path) -> Path:
+    save_adapter(uniform_emulator(model, split_model(model, 2), 0.5), folder)
+    return folder
+
+
+def _hostile_adapter(attack: str, model, folder: Path) -> Path:
+    """One adapter the campaign got accepted by `eval --emulator --adapter` (or crashed it)."""
+    if attack == "k=3":
+        return _hostile_k3_adapter(model, folder)
+    if attack == "other depth":
+        return _adapter_of(tiny_model("llama", layers=10), folder)
+    if attack == "other model_type":
+        return _adapter_of(tiny_model("opt", layers=LAYERS), folder)
+    if attack == "other fingerprint":
+        return _adapter_of(tiny_model("llama", layers=LAYERS, seed=7), folder)
+    _adapter_of(model, folder)
+    if attack == "layer tensor missing":
+        _drop_tensor(folder, "model.layers.6.mlp.up_proj.weight")
+    elif attack == "norm of shape [1]":
+        _retype(folder, ADA, "model.layers.0.input_layernorm.weight", torch.ones(1))
+    elif attack == "float64 1e300":
+        _retype(folder, ADA, "model.layers.7.self_attn.q_proj.weight", torch.full((32, 32), 1e300, dtype=torch.float64))
+    elif attack in ("smuggled embed_tokens", "smuggled middle layer", "smuggled lm_head"):
+        key = {"smuggled embed_tokens": "model.embed_tokens.weight", "smuggled lm_head": "lm_head.weight",
+               "smuggled middle layer": "model.layers.3.mlp.up_proj.weight"}[attack]
+        _add_tensor(folder, ADA, key, torch.zeros(VOCAB if "layers" not in key else 64, 32), list_it=True)
+    elif attack == "listed file that does not exist":
+        m = read_manifest(folder)
+        m["files"]["notes.txt"] = {"sha256": "ab" * 32}
+        write_manifest(folder, m)
+    elif attack == "listed file modified":
+        (folder / "notes.txt").write_text("v2")
+        m = read_manifest(folder)
+        m["files"]["notes.txt"] = {"sha256": "ab" * 32}
+        write_manifest(folder, m)
+    else:
+        raise ValueError(attack)
+    return folder
+
+
+HOSTILE_ADAPTERS = {
+    "k=3": "adapter claims k=3", "other depth": "adapter holds layers", "other model_type": "adapter is for a 'opt' model",
+    "other fingerprint": "base-model fingerprint does not match", "layer tensor missing": "missing: ['model.layers.6",
+    "norm of shape [1]": "model.layers.0.input_layernorm.weight has shape [1], model expects [32]",
+    "float64 1e300": "overflows the model's float32", "smuggled embed_tokens": "unexpected: ['model.embed_tokens.weight']",
+    "smuggled lm_head": "unexpected: ['lm_head.weight']",
+    "smuggled middle layer": "unexpected: ['model.layers.3.mlp.up_proj.weight']",
+    "listed file that does not exist": "notes.txt: missing",
+    "listed file modified": "notes.txt: content hash does not match",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_ADAPTERS))
+def test_eval_on_the_emulator_runs_exactly_plug_ins_checks(attack, shipped, tmp_path, capsys):
+    model, dirs = shipped
+    adapter = _hostile_adapter(attack, model, tmp_path / "adapter")
+    message = HOSTILE_ADAPTERS[attack]
+    with pytest.raises(ArtifactError) as refused:
+        plug_in(copy.deepcopy(model), adapter)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    code, _, err = run_cli(capsys, "eval", "--emulator", dirs["uniform"], "--adapter", adapter, "--tasks", "piqa",
+                           "--limit", "2", "--device", "cpu")
+    assert_one_line(code, err, message)
+    if attack != "k=3":  # the same refusal, word for word (k=3 names whose split it is)
+        assert str(refused.value) in err
+
+
+@pytest.mark.parametrize("attack", ["listed file that does not exist", "listed file modified"])
+def test_every_file_an_adapter_lists_must_exist_and_match(attack, shipped, tmp_path, capsys):
+    model, _ = shipped
+    adapter = _hostile_adapter(attack, model, tmp_path / "adapter")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter, "--out", tmp_path / "p")
+    assert_one_line(code, err, HOSTILE_ADAPTERS[attack])
+    assert not (tmp_path / "p").exists()
+
+
+def _pickle_as_safetensors(folder: Path, name: str) -> None:
+    (folder / name).write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    rehash(folder, name)
+
+
+@pytest.mark.parametrize("kind,damage", [
+    (kind, damage) for kind in ("uniform", "adapter")
+    for damage in ("hash mismatch", "truncated, re-hashed", "pickle as safetensors", "listed shape edited")
+] + [("uniform", "tokenizer modified")])
+def test_info_verifies_before_describing(kind, damage, shipped, tmp_path, capsys):
+    folder = copy_of(shipped[1][kind], tmp_path / kind)
+    name = EMU if kind == "uniform" else ADA
+    code, out, _ = run_cli(capsys, "info", folder)
+    assert code == 0 and out.startswith("verified: "), out
+    if damage == "hash mismatch":
+        data = bytearray((folder / name).read_bytes())
+        data[-1] ^= 1
+        (folder / name).write_bytes(bytes(data))
+        message = "content hash does not match"
+    elif damage == "truncated, re-hashed":
+        (folder / name).write_bytes((folder / name).read_bytes()[:50])
+        rehash(folder, name)
+        message = "not a readable safetensors file"
+    elif damage == "pickle as safetensors":
+        _pickle_as_safetensors(folder, name)
+        message = "not a readable safetensors file"
+    elif damage == "listed shape edited":  # the manifest no longer describes the file
+        key = sorted(read_manifest(folder)["files"][name]["tensors"])[0]
+        m = read_manifest(folder)
+        m["files"][name]["tensors"][key]["shape"] = [1, 1]
+        write_manifest(folder, m)
+        message = f"tensor {key} "
+    else:
+        (folder / "tokenizer.json").write_text("{}")
+        message = "tokenizer.json: content hash does not match"
+    code, _, err = run_cli(capsys, "info", folder)
+    assert_one_line(code, err, message)

@@ -15,11 +15,17 @@ against the manifest (hash, tensor names, dtypes, shapes, finite values) before 
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +47,8 @@ EMULATOR_FILE = "emulator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
 
+logger = logging.getLogger(__name__)
+
 
 class ArtifactError(ValueError):
     """An artifact is malformed, tampered with, or does not fit the model it is used with.
@@ -49,7 +57,13 @@ class ArtifactError(ValueError):
     """
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        # Names in the message may come from the sender: no terminal control sequences reach the screen.
+        super().__init__(printable(" ".join(str(message).split())))
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _why(exc: BaseException, limit: int = 300) -> str:
@@ -69,28 +83,120 @@ def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
         raise ArtifactError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
 
 
+# Temporaries next to ``out``: ``.<name>.tmp-*`` (being written), ``.<name>.old-*`` (the replaced copy
+# on systems without rename-exchange), ``.<name>.lock``. Names from earlier versions: ``.<name>.old<pid>``
+# and ``.<name>.<8 random characters>``.
+def _temporary(out: Path) -> re.Pattern:
+    return re.compile(re.escape(f".{out.name}.") + r"(tmp-.+|old-.+|old\d+|[a-z0-9_]{8})")
+
+
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system or the file system does not offer it."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put ``tmp`` at ``out`` so that a kill at any instant leaves the old or the new copy at ``out``."""
+    if not (out.exists() or out.is_symlink()):
+        if not _renameat2(tmp, out, _RENAME_NOREPLACE):
+            os.rename(tmp, out)
+        return
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):  # one atomic step: ``tmp`` now holds the old copy
+        _remove(tmp)
+        return
+    # No rename-exchange: the old copy waits under .old-* until the new one is in place; a run
+    # killed in between leaves no ``out``, and the next claim of ``out`` puts the old copy back.
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    _remove(old)
+
+
+def _recover(out: Path) -> None:
+    """Restore a copy left under .old-* by a run killed between its two renames; drop other temporaries."""
+    pattern = _temporary(out)
+    stale = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
+    olds = [p for p in stale if p.name.startswith(f".{out.name}.old-")]
+    if olds and not (out.exists() or out.is_symlink()):
+        os.rename(olds[-1], out)
+        logger.warning("%s: restored the previous copy left by an interrupted run", out)
+        stale.remove(olds[-1])
+    for path in stale:
+        _remove(path)
+
+
+_claimed: set[Path] = set()  # outputs this process holds the lock of
+
+
+@contextmanager
+def claim_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``out`` for one writer for the whole block: a second gradot process writing the same
+    ``out`` is refused at once (not silently replaced at the end). Stale temporaries of killed runs
+    are cleaned, and an existing ``out`` is refused unless ``overwrite``."""
+    out = Path(out).absolute()
+    if out in _claimed:
+        yield out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ArtifactError(f"{out}: another gradot process is writing it (lock {lock.name})") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the lock file is still the one in place (not unlinked by a finishing writer)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _claimed.add(out)
+    try:
+        _recover(out)
+        refuse_existing(out, overwrite)
+        yield out
+    finally:
+        _claimed.discard(out)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
 
-    A failed command therefore leaves whatever was at ``out`` untouched.
+    A failed or killed command therefore leaves whatever was at ``out`` untouched.
     """
-    out = Path(out)
-    refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim_output(out, overwrite) as out:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            refuse_existing(out, overwrite)  # something other than gradot may have written it meanwhile
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def sha256_file(path: Path) -> str:
@@ -150,28 +256,90 @@ def save_emulator(emulator: Emulator, out: str | os.PathLike, overwrite: bool = 
 # Reading and validating
 
 
-def read_manifest(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
-    folder = Path(folder)
+#: Caps on what a sender's file may make the receiver read into memory. A manifest of the deepest
+#: model allowed (MAX_LAYERS) with every tensor listed stays far below its cap; tokenizer files of
+#: public models reach ~35 MB.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SMALL_FILE_BYTES = 64 << 20
+
+
+def _open_plain(path: Path) -> int:
+    """A read descriptor of the regular file at ``path``: never through a symbolic link, and never
+    a device or FIFO (which could be read forever or block)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({_why(exc)})") from exc
+    if stat.S_ISLNK(st.st_mode):  # a link could point anywhere outside the artifact directory
+        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds plain files only")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags) if stat.S_ISREG(st.st_mode) else -1
+    except OSError as exc:  # replaced by a link or a FIFO since the lstat
+        raise ArtifactError(f"{path}: cannot be read as a plain file ({_why(exc)})") from exc
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise ArtifactError(f"{path}: not a plain file (a directory, device or FIFO); an artifact holds plain files only")
+    return fd
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of a plain file of at most ``limit`` bytes (the size is checked before reading)."""
+    fd = _open_plain(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ArtifactError(f"{path}: {size:,} bytes, more than the {limit:,} such a file may have")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grew while being read
+                raise ArtifactError(f"{path}: more than the {limit:,} bytes such a file may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _parse_json(data: bytes, path: Path, what: str = "valid JSON") -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not {what} ({_why(exc)})") from exc
+    except ValueError as exc:  # JSONDecodeError, and integers beyond Python's digit limit
+        raise ArtifactError(f"{path}: not {what} ({_why(exc)})") from exc
+    except RecursionError as exc:  # pathologically nested JSON
+        raise ArtifactError(f"{path}: not {what} (nested too deeply)") from exc
+
+
+def _manifest_json(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: not a directory")
-    if path.is_symlink():  # like every file of an artifact: plain files only
-        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds plain files only")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing (is {folder} a gradot {kind}?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({_why(exc)})") from exc
-    except RecursionError as exc:  # pathologically nested JSON
-        raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from exc
+    if not (path.exists() or path.is_symlink()):
+        raise ArtifactError(f"{path}: missing (is {folder} a gradot artifact?)")
+    manifest = _parse_json(_read_bounded(path, MAX_MANIFEST_BYTES), path)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The checked manifest of an artifact of ``kind`` ("emulator" or "adapter"; None: the kind
+    the manifest names, for describing either)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = _manifest_json(folder)
+    if kind is None:
+        kind = "adapter" if manifest.get("format") == "gradot-adapter" else "emulator"
     if manifest.get("format") != f"gradot-{kind}":
-        raise ArtifactError(f"{path}: format is {manifest.get('format')!r}, expected 'gradot-{kind}'")
+        raise ArtifactError(f"{path}: format is {_short(manifest.get('format'))}, expected 'gradot-{kind}'")
     if not _is_int(manifest.get("format_version")) or manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format_version {_short(manifest.get('format_version'))} is not supported (expected {FORMAT_VERSION})"
         )
     if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise ArtifactError(f"{path}: no 'files' entry")
@@ -201,8 +369,9 @@ def _short(x: Any, limit: int = 80) -> str:
 
 
 _HEX64 = frozenset("0123456789abcdef")
-#: More decoder layers than any model has: bounds what a manifest may make the loaders enumerate.
-MAX_LAYERS = 10_000
+#: Four times the deepest public LLM (126 layers): bounds what a manifest may make the loaders
+#: enumerate, and, with an emulator never deeper than its base, the compute per token it may ask for.
+MAX_LAYERS = 512
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -272,8 +441,10 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
         raise bad("aliases", aliases, "tensor name -> tensor name")
 
     slots = m.get("slots")
-    if not isinstance(slots, list) or not 2 * split.k + 1 <= len(slots) <= MAX_LAYERS:
-        raise bad("slots", slots, f"a list of {2 * split.k + 1} to {MAX_LAYERS} positions")
+    # No method makes an emulator deeper than its base: more positions (one shared layer repeated
+    # thousands of times) would only make fine-tuning and evaluation crawl.
+    if not isinstance(slots, list) or not 2 * split.k + 1 <= len(slots) <= split.num_layers:
+        raise bad("slots", slots, f"a list of {2 * split.k + 1} to {split.num_layers} positions (the base's depth)")
     middle_sources = set(split.middle)  # built once: membership per slot below
     if size["emulator_depth"] != len(slots):
         raise bad("size.emulator_depth", size["emulator_depth"], f"the number of slots ({len(slots)})")
@@ -311,14 +482,58 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
 
 
 def _check_hash(folder: Path, name: str, entry: dict) -> Path:
+    """The listed file ``name``, refused if missing, not a plain file, over its size cap, or not the
+    content the manifest's hash names."""
     path = folder / name
-    if path.is_symlink():  # a link could point anywhere outside the artifact directory
-        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds plain files only")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing")
-    if not isinstance(entry, dict) or entry.get("sha256") != sha256_file(path):
+    limit = None if name.endswith(".safetensors") else MAX_SMALL_FILE_BYTES  # tensors: streamed, never held
+    fd = _open_plain(path)
+    try:
+        size = os.fstat(fd).st_size
+        if limit is not None and size > limit:
+            raise ArtifactError(f"{path}: {size:,} bytes, more than the {limit:,} such a file may have")
+        h = hashlib.sha256()
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+    finally:
+        os.close(fd)
+    if not isinstance(entry, dict) or entry.get("sha256") != h.hexdigest():
         raise ArtifactError(f"{path}: content hash does not match the manifest (modified or truncated)")
     return path
+
+
+def check_listed_files(folder: Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
+    """Every file the manifest lists exists as a plain file with the listed hash (``skip``: files
+    the caller hashes itself when it reads them)."""
+    for name, entry in manifest["files"].items():
+        if name not in skip:
+            _check_hash(folder, name, entry)
+
+
+# safetensors' dtype codes, named as torch names them (and as manifests write them).
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+}
+
+
+def _check_header(path: Path, f, listed: dict, dtype: torch.dtype | None) -> None:
+    """The file's tensor names, dtypes and shapes against the manifest, from its header alone: no
+    tensor data is read before everything is known to be as listed."""
+    keys = set(f.keys())
+    extra, missing = sorted(keys - set(listed)), sorted(set(listed) - keys)
+    if extra:
+        raise ArtifactError(f"{path}: tensors not listed in the manifest: {', '.join(extra[:5])}")
+    if missing:
+        raise ArtifactError(f"{path}: tensors listed in the manifest but absent: {', '.join(missing[:5])}")
+    for k in sorted(keys):
+        view = f.get_slice(k)
+        name, shape, spec = _SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype()), list(view.get_shape()), listed[k]
+        if not isinstance(spec, dict) or spec.get("dtype") != name or spec.get("shape") != shape:
+            raise ArtifactError(f"{path}: tensor {k} is {name}{shape}, manifest says {_short(spec)}")
+        if name not in _DTYPES or (dtype is not None and name != _dtype_name(dtype)):
+            wanted = _dtype_name(dtype) if dtype is not None else " or ".join(_DTYPES)
+            raise ArtifactError(f"{path}: tensor {k} is {name}, expected {wanted}")
 
 
 def read_tensors(folder: Path, name: str, entry: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -326,27 +541,16 @@ def read_tensors(folder: Path, name: str, entry: dict, dtype: torch.dtype | None
 
     Only floating tensors of the artifact dtypes are accepted (``dtype``: exactly that one)."""
     path = _check_hash(folder, name, entry)
-    expected = entry.get("tensors")
-    if not isinstance(expected, dict):
+    listed = entry.get("tensors")
+    if not isinstance(listed, dict):
         raise ArtifactError(f"{folder / MANIFEST}: no tensor list for {name}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
-            if extra:
-                raise ArtifactError(f"{path}: tensors not listed in the manifest: {', '.join(extra[:5])}")
-            if missing:
-                raise ArtifactError(f"{path}: tensors listed in the manifest but absent: {', '.join(missing[:5])}")
-            tensors = {k: f.get_tensor(k) for k in keys}
+            _check_header(path, f, listed, dtype)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as exc:
         raise ArtifactError(f"{path}: not a readable safetensors file ({_why(exc)})") from exc
     for k, t in tensors.items():
-        spec = expected[k]
-        if not isinstance(spec, dict) or spec.get("dtype") != _dtype_name(t.dtype) or spec.get("shape") != list(t.shape):
-            raise ArtifactError(f"{path}: tensor {k} is {_dtype_name(t.dtype)}{list(t.shape)}, manifest says {spec}")
-        if _dtype_name(t.dtype) not in _DTYPES or (dtype is not None and t.dtype != dtype):
-            wanted = _dtype_name(dtype) if dtype is not None else " or ".join(_DTYPES)
-            raise ArtifactError(f"{path}: tensor {k} is {_dtype_name(t.dtype)}, expected {wanted}")
         if not torch.isfinite(t).all():
             raise ArtifactError(f"{path}: tensor {k} contains NaN or Inf")
     return tensors
@@ -419,12 +623,12 @@ def read_config(folder: Path, shown: Path | None = None, sha256: str | None = No
 
     path = (shown or folder) / CONFIG_FILE
     try:
-        data = (folder / CONFIG_FILE).read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise ArtifactError(f"{path}: content hash does not match the manifest (modified or truncated)")
-        raw = json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not a readable JSON config ({_why(exc)})") from exc
+        data = _read_bounded(folder / CONFIG_FILE, MAX_SMALL_FILE_BYTES)
+    except ArtifactError as exc:  # named as the artifact's file, not the private copy's
+        raise ArtifactError(str(exc).replace(str(folder / CONFIG_FILE), str(path))) from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"{path}: content hash does not match the manifest (modified or truncated)")
+    raw = _parse_json(data, path, "a readable JSON config")
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     if "auto_map" in raw or raw.get("trust_remote_code"):
@@ -441,20 +645,16 @@ def read_config(folder: Path, shown: Path | None = None, sha256: str | None = No
         raise ArtifactError(f"{path}: {_why(exc)}") from exc
 
 
-def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
-    """Rebuild an emulator from its directory alone (no access to the original model)."""
-    from accelerate import init_empty_weights
-
-    folder = Path(folder)
+def _checked_emulator(folder: Path):
+    """Every check of an emulator that reads no tensor data: the manifest, every listed file's hash,
+    the config, and the manifest's tensor list against the architecture built on the meta device
+    (no memory, whatever sizes the config claims). Returns what building it needs."""
     manifest = read_manifest(folder, "emulator")
     where = folder / MANIFEST
     if EMULATOR_FILE not in manifest["files"] or CONFIG_FILE not in manifest["files"]:
         raise ArtifactError(f"{where}: must list {EMULATOR_FILE} and {CONFIG_FILE}")
-    for name, entry in manifest["files"].items():
-        if name != EMULATOR_FILE:
-            _check_hash(folder, name, entry)
+    check_listed_files(folder, manifest, skip=(EMULATOR_FILE,))  # read_tensors hashes that one
     dtype = getattr(torch, manifest.get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
-    tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE], dtype=dtype)
     slots = _slots(manifest, where)
     config = read_config(folder, sha256=manifest["files"][CONFIG_FILE]["sha256"])
     if config.model_type != manifest["model_type"]:
@@ -465,47 +665,88 @@ def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
         raise ArtifactError(f"{folder / CONFIG_FILE}: {exc}") from exc
     if config.num_hidden_layers != len(slots):
         raise ArtifactError(f"{where}: {len(slots)} slots but config has {config.num_hidden_layers} layers")
-
-    # config.json and the slots come from the sender: build their architecture on the meta device
-    # first (no memory, whatever sizes the config claims) and check it against the stored tensors
-    # before anything is allocated.
     skeleton = _build_architecture(folder, config, dtype, arch, slots, lambda: torch.device("meta"))
-    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    shapes = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
     # Which tensors are one and the same follows from the architecture (tied embeddings, the slots'
     # layer sharing): the manifest must say exactly that, or a frozen weight could be tied to a
     # trainable one, or a shared layer shipped as two.
-    sharing = _unique_state(skeleton)[1]
-    del skeleton
-    aliases = manifest.get("aliases", {})
-    expected = set(shapes)
-    if (not isinstance(aliases, dict) or not set(aliases) <= expected or not set(aliases.values()) <= set(tensors)
-            or set(aliases) & set(tensors)):
-        raise ArtifactError(f"{where}: malformed 'aliases' (each must map a parameter to a stored tensor)")
-    if aliases != sharing:
-        wrong = sorted(set(aliases.items()) ^ set(sharing.items()))
-        raise ArtifactError(f"{where}: 'aliases' do not match the layer sharing of the slots and config "
-                            f"(differ at {_short(wrong[:3])})")
-    if set(tensors) | set(aliases) != expected:
-        wrong = sorted(set(tensors) - expected) or sorted(expected - set(tensors) - set(aliases))
-        raise ArtifactError(f"{folder / EMULATOR_FILE}: tensors do not match the emulator architecture: {wrong[:5]}")
-    for name, t in sorted(tensors.items()):
-        if t.shape != shapes[name]:
-            raise ArtifactError(f"{folder / EMULATOR_FILE}: tensor {name} has shape {list(t.shape)}, the architecture "
-                                f"of config.json and the manifest's slots needs {list(shapes[name])}")
-    for alias, canonical in sorted(aliases.items()):
-        if tensors[canonical].shape != shapes[alias]:
-            raise ArtifactError(f"{where}: alias {alias} -> {canonical} joins tensors of different shapes")
+    _check_tensor_list(folder, manifest, shapes, _unique_state(skeleton)[1])
+    return manifest, config, arch, slots, dtype
+
+
+def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
+    """Rebuild an emulator from its directory alone (no access to the original model)."""
+    from accelerate import init_empty_weights
+
+    folder = Path(folder)
+    # Everything is checked before a byte of tensor data is read: a listed, hash-correct extra
+    # tensor of any size is refused without being loaded.
+    manifest, config, arch, slots, dtype = _checked_emulator(folder)
+    tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE], dtype=dtype)
     model = _build_architecture(folder, config, dtype, arch, slots, init_empty_weights)
     try:
         model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{folder / EMULATOR_FILE}: {_why(exc)}") from exc
-    for alias, canonical in aliases.items():
+    for alias, canonical in manifest.get("aliases", {}).items():
         owner_name, _, attr = alias.rpartition(".")
         c_owner, _, c_attr = canonical.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, getattr(model.get_submodule(c_owner), c_attr))
     model.to(device).eval()
     return Emulator(model, manifest)
+
+
+def verify(folder: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """Check an emulator or adapter as far as possible without loading weights or the base model
+    (``gradot info``); returns the manifest and one line saying what was checked."""
+    folder = Path(folder)
+    if read_manifest(folder).get("format") == "gradot-emulator":
+        manifest = _checked_emulator(folder)[0]
+        main_file, later = EMULATOR_FILE, "as listed and as config.json and the slots need (values are checked when loaded)"
+    else:
+        manifest = read_manifest(folder, "adapter")
+        if ADAPTER_FILE not in manifest["files"]:
+            raise ArtifactError(f"{folder / MANIFEST}: must list {ADAPTER_FILE}")
+        check_listed_files(folder, manifest, skip=(ADAPTER_FILE,))
+        main_file, later = ADAPTER_FILE, "as listed (values, fingerprint and layer set are checked at plug-in)"
+    path = _check_hash(folder, main_file, manifest["files"][main_file])
+    listed = manifest["files"][main_file].get("tensors")
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{folder / MANIFEST}: no tensor list for {main_file}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            _check_header(path, f, listed, None)
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_why(exc)})") from exc
+    return manifest, (f"verified: {len(manifest['files'])} listed files present with matching sha256; "
+                      f"{len(listed)} tensors {later}")
+
+
+def _check_tensor_list(folder: Path, manifest: dict, shapes: dict[str, list[int]], sharing: dict[str, str]) -> None:
+    """The emulator's listed tensors and aliases against the architecture's names, shapes and sharing."""
+    where = folder / MANIFEST
+    listed = manifest["files"][EMULATOR_FILE].get("tensors")
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{where}: no tensor list for {EMULATOR_FILE}")
+    aliases = manifest.get("aliases", {})
+    expected = set(shapes)
+    if (not isinstance(aliases, dict) or not set(aliases) <= expected or not set(aliases.values()) <= set(listed)
+            or set(aliases) & set(listed)):
+        raise ArtifactError(f"{where}: malformed 'aliases' (each must map a parameter to a stored tensor)")
+    if aliases != sharing:
+        wrong = sorted(set(aliases.items()) ^ set(sharing.items()))
+        raise ArtifactError(f"{where}: 'aliases' do not match the layer sharing of the slots and config "
+                            f"(differ at {_short(wrong[:3])})")
+    if set(listed) | set(aliases) != expected:
+        wrong = sorted(set(listed) - expected) or sorted(expected - set(listed) - set(aliases))
+        raise ArtifactError(f"{folder / EMULATOR_FILE}: tensors do not match the emulator architecture: {wrong[:5]}")
+    for name, spec in sorted(listed.items()):
+        if spec["shape"] != shapes[name]:
+            raise ArtifactError(f"{folder / EMULATOR_FILE}: tensor {name} has shape {spec['shape']}, the architecture "
+                                f"of config.json and the manifest's slots needs {shapes[name]}")
+    for alias, canonical in sorted(aliases.items()):
+        if listed[canonical]["shape"] != shapes[alias]:
+            raise ArtifactError(f"{where}: alias {alias} -> {canonical} joins tensors of different shapes")
 
 
 def load_emulator_tokenizer(folder: str | os.PathLike):
@@ -574,67 +815,127 @@ def save_adapter(emulator: Emulator, out: str | os.PathLike, training: dict | No
     return Path(out)
 
 
-def plug_in(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Copy a fine-tuned adapter into the original ``model`` (in place) after checking it fits.
+#: Relative change ||new - original|| / ||original|| of an adapter tensor beyond which fine-tuning is
+#: not a plausible cause (fine-tuning at the default learning rates moves adapter tensors by a few
+#: per cent): such an adapter is plugged with a warning, or refused under ``max_change``.
+PLAUSIBLE_CHANGE = 1.0
 
-    Refused, with the reason: an adapter for another base model (fingerprint), another layer set,
-    other shapes, or tensors for layers outside the adapter.
+
+def _checked_adapter(folder: Path, *, model_type: str, split: Split, owner: str, fingerprint_of,
+                     own: dict[str, torch.Tensor], max_change: float | None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, converted to ``own``'s dtypes, after every check: the one gate for
+    plugging an adapter into the original model and into an emulator.
+
+    ``split``: the split the receiver chose (never the one the adapter claims; ``owner`` names it in
+    errors); ``fingerprint_of(dtype)``: the receiver's base fingerprint taken in ``dtype``; ``own``:
+    the receiver's current adapter tensors, named as in the original model.
     """
-    folder = Path(adapter_dir)
     manifest = read_manifest(folder, "adapter")
     where = folder / MANIFEST
     if ADAPTER_FILE not in manifest["files"]:
         raise ArtifactError(f"{where}: must list {ADAPTER_FILE}")
-    try:
-        arch = arch_of(model)
-        adapter = manifest["adapter"]
-        k, bottom, top = int(adapter["k"]), list(adapter["bottom"]), list(adapter["top"])
-        base = manifest["base"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{where}: malformed 'adapter' or 'base' entry ({_why(exc)})") from exc
-    except UnsupportedModelError as exc:
-        raise ArtifactError(str(exc)) from exc
-    if manifest.get("model_type") != model.config.model_type:
-        raise ArtifactError(
-            f"{where}: adapter is for a {manifest.get('model_type')!r} model, this model is {model.config.model_type!r}"
-        )
-    try:
-        split = Split(len(decoder_layers(model)), k)
-    except SplitError as exc:
-        raise ArtifactError(f"{where}: {exc}") from exc
-    if bottom + top != split.adapter:
-        raise ArtifactError(
-            f"{where}: adapter holds layers {bottom + top}, this model's k={k} adapter is layers {split.adapter}"
-        )
-    taken_in = getattr(torch, base.get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
-    if base.get("fingerprint") != fingerprint(model, split, as_dtype=taken_in):
+    check_listed_files(folder, manifest, skip=(ADAPTER_FILE,))  # read_tensors hashes that one
+    if manifest["model_type"] != model_type:
+        raise ArtifactError(f"{where}: adapter is for a {manifest['model_type']!r} model, this model is {model_type!r}")
+    claimed = manifest["adapter"]
+    layers = claimed["bottom"] + claimed["top"]
+    if claimed["k"] != split.k:
+        raise ArtifactError(f"{where}: adapter claims k={claimed['k']} (layers {_short(layers)}), {owner} is "
+                            f"k={split.k} (layers {split.adapter}); only those layers may be replaced")
+    if layers != split.adapter:
+        raise ArtifactError(f"{where}: adapter holds layers {_short(layers)}, this model's k={split.k} adapter is "
+                            f"layers {split.adapter}")
+    taken_in = getattr(torch, manifest["base"].get("dtype", "float32"))  # one of _DTYPES (read_manifest checked)
+    if manifest["base"]["fingerprint"] != fingerprint_of(taken_in):
         raise ArtifactError(
             f"{where}: base-model fingerprint does not match this model (the adapter was trained on an emulator "
             f"of a different model or checkpoint; its fingerprint was taken in {_dtype_name(taken_in)})"
         )
-    tensors = read_tensors(folder, ADAPTER_FILE, manifest["files"][ADAPTER_FILE])
-    own = adapter_state_dict(model, split.adapter)
-    if set(tensors) != set(own):
-        extra, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
-        raise ArtifactError(
-            f"{folder / ADAPTER_FILE}: tensor names do not match the model's adapter layers "
-            f"(unexpected: {extra[:3]}, missing: {missing[:3]})"
-        )
+    entry = manifest["files"][ADAPTER_FILE]
+    _check_adapter_list(folder, entry.get("tensors"), own)  # before any tensor data is read
+    tensors = read_tensors(folder, ADAPTER_FILE, entry)
     for name, t in tensors.items():
-        if t.shape != own[name].shape:
-            raise ArtifactError(f"{folder / ADAPTER_FILE}: {name} has shape {list(t.shape)}, model expects {list(own[name].shape)}")
         converted = t.to(own[name].dtype)
         if not torch.isfinite(converted).all():  # e.g. float64 values beyond float32's range
             raise ArtifactError(f"{folder / ADAPTER_FILE}: {name} overflows the model's {_dtype_name(own[name].dtype)}")
         tensors[name] = converted
+    _check_change(folder, tensors, own, max_change)
+    return tensors
+
+
+def _check_adapter_list(folder: Path, listed: Any, own: dict[str, torch.Tensor]) -> None:
+    path = folder / ADAPTER_FILE
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{folder / MANIFEST}: no tensor list for {ADAPTER_FILE}")
+    if set(listed) != set(own):
+        extra, missing = sorted(set(listed) - set(own)), sorted(set(own) - set(listed))
+        raise ArtifactError(f"{path}: tensor names do not match the model's adapter layers "
+                            f"(unexpected: {extra[:3]}, missing: {missing[:3]})")
+    for name, spec in sorted(listed.items()):
+        if spec["shape"] != list(own[name].shape):
+            raise ArtifactError(f"{path}: {name} has shape {spec['shape']}, model expects {list(own[name].shape)}")
+
+
+def _check_change(folder: Path, tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                  max_change: float | None) -> None:
+    """Warn about (or, beyond ``max_change``, refuse) weights moved further than fine-tuning moves them."""
+    def change(name: str) -> float:
+        old = own[name].detach().to("cpu", torch.float64)
+        return float((tensors[name].to(torch.float64) - old).norm() / old.norm().clamp_min(1e-12))
+
+    worst, ratio = max(((name, change(name)) for name in tensors), key=lambda item: item[1])
+    if max_change is not None and ratio > max_change:
+        raise ArtifactError(f"{folder / ADAPTER_FILE}: {worst} moved {ratio:.3g}x its original norm, more than "
+                            f"the allowed {max_change:g}x")
+    if ratio > PLAUSIBLE_CHANGE:
+        logger.warning("%s", printable(f"warning: {folder / ADAPTER_FILE}: {worst} moved {ratio:.3g}x its original "
+                                       f"norm; no plausible fine-tuning does that (check the adapter's origin)"))
+
+
+def _copy_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():  # every check passed: only now is the model written
         for name, t in tensors.items():
             own[name].copy_(t)
+
+
+def plug_in(model: nn.Module, adapter_dir: str | os.PathLike, k: int = 2, max_change: float | None = None) -> nn.Module:
+    """Copy a fine-tuned adapter into the original ``model`` (in place) after checking it fits.
+
+    ``k`` is the split the model owner compressed with (``compress --adapter-layers``; default 2, or
+    ``emulator_split(emulator_dir)``): only its 2k layers are ever replaced, whatever the adapter
+    claims. Refused, with the reason: an adapter for another base model (fingerprint), another split
+    or layer set, other tensor names or shapes, missing or modified listed files, values that
+    overflow the model's dtype, or (``max_change``) weights moved too far from the originals.
+    """
+    folder = Path(adapter_dir)
+    try:
+        arch_of(model)
+    except UnsupportedModelError as exc:
+        raise ArtifactError(str(exc)) from exc
+    split = Split(len(decoder_layers(model)), k)
+    own = adapter_state_dict(model, split.adapter)
+    tensors = _checked_adapter(folder, model_type=model.config.model_type, split=split,
+                               owner="the model owner's split", own=own, max_change=max_change,
+                               fingerprint_of=lambda dtype: fingerprint(model, split, as_dtype=dtype))
+    _copy_into(own, tensors)
     return model
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def plug_into_emulator(emulator: Emulator, adapter_dir: str | os.PathLike, max_change: float | None = None) -> None:
+    """Load an adapter into the emulator it was trained on, with exactly ``plug_in``'s checks (the
+    split and fingerprint are the emulator's)."""
+    m = emulator.manifest
+    split = Split(m["base"]["num_layers"], m["adapter"]["k"])
+    own = adapter_state_dict(emulator.model, emulator.adapter_sources, emulator.adapter_positions)
+    tensors = _checked_adapter(Path(adapter_dir), model_type=m["model_type"], split=split,
+                               owner="the emulator's split", own=own, max_change=max_change,
+                               fingerprint_of=lambda dtype: m["base"]["fingerprint"])
+    _copy_into(own, tensors)
+
+
+def emulator_split(emulator_dir: str | os.PathLike) -> int:
+    """The adapter size k the model owner chose, as recorded in its emulator's manifest."""
+    return read_manifest(emulator_dir, "emulator")["adapter"]["k"]
 
 
 def describe(manifest: dict[str, Any]) -> str:
@@ -668,4 +969,4 @@ def describe(manifest: dict[str, Any]) -> str:
         n = len(entry.get("tensors", {})) if isinstance(entry, dict) else 0
         lines.append(f"file {name}: sha256 {str(entry.get('sha256', ''))[:16]}…" + (f"  {n} tensors" if n else ""))
     # Every string here came from the sender: no terminal control sequences reach the screen.
-    return "\n".join(_printable(line) for line in lines)
+    return "\n".join(printable(line) for line in lines)

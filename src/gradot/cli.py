@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 
@@ -158,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory returned by the data owner")
     p.add_argument("--out", required=True, help="output directory for the plug-in model (Hugging Face format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_split_arguments(p)
 
     p = sub.add_parser("info", help="describe an emulator or adapter directory")
     p.add_argument("path", help="artifact directory")
@@ -165,6 +165,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_extra_commands(sub)
     return parser
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> None:
+    """The model owner's own record of its split, for plugging an adapter into the original model
+    (``emulator``: also offer --emulator, where that option is not taken)."""
+    g = p.add_mutually_exclusive_group()
+    if emulator:
+        g.add_argument("--emulator", default=None,
+                       help="the emulator you shipped for this adapter: its recorded split k decides which layers "
+                            "are replaced (never the split the adapter claims)")
+    g.add_argument("--adapter-layers", type=_positive_int, default=None,
+                   help="the split k you compressed with (default 2, as in compress); an adapter claiming "
+                        "another is refused")
+    p.add_argument("--max-change", type=_positive_float, default=None,
+                   help="refuse an adapter with a tensor moved more than this many times its original norm "
+                        "(default: warn above 1)")
+
+
+def owner_split(args) -> int:
+    """k for plugging into the original model: the shipped emulator's recorded split, else
+    --adapter-layers, else compress's default."""
+    from .artifacts import emulator_split
+
+    if getattr(args, "emulator", None):
+        return emulator_split(args.emulator)
+    return args.adapter_layers or 2
 
 
 def available_methods() -> list[str]:
@@ -191,7 +227,7 @@ def _add_extra_commands(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .artifacts import save_emulator
+    from .artifacts import claim_output, save_emulator
     from .methods import compress
     from .modeling import load_model
 
@@ -199,14 +235,15 @@ def cmd_compress(args) -> int:
     placement = resolve_placement(args)
     if placement:
         device = f"device map {args.device_map}"
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    emulator = compress(model, tok, args)
-    t_compress = time.perf_counter() - t0
-    emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
-    save_emulator(emulator, args.out, overwrite=args.overwrite, tokenizer=tok)
+    with claim_output(args.out, args.overwrite):  # one writer per --out, refused before compressing
+        t0 = time.perf_counter()
+        model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        emulator = compress(model, tok, args)
+        t_compress = time.perf_counter() - t0
+        emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
+        save_emulator(emulator, args.out, overwrite=args.overwrite, tokenizer=tok)
     size = emulator.manifest["size"]
     print(f"emulator written to {args.out}: method {args.method}, kept {size['keep_achieved']:.3f} of the middle block "
           f"({size['middle_params_kept']:,} of {size['middle_params_original']:,} parameters); "
@@ -215,29 +252,29 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plugin(args) -> int:
-    from .artifacts import atomic_directory, plug_in
+    from .artifacts import atomic_directory, claim_output, plug_in
     from .modeling import load_model
 
-    model, tok = load_model(args.model)
-    plug_in(model, args.adapter)
-    with atomic_directory(args.out, args.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    k = owner_split(args)
+    with claim_output(args.out, args.overwrite):
+        model, tok = load_model(args.model)
+        plug_in(model, args.adapter, k=k, max_change=args.max_change)
+        with atomic_directory(args.out, args.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     print(f"plug-in model written to {args.out}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .artifacts import ArtifactError, describe, read_manifest
+    from .artifacts import describe, verify
 
-    # The kind the manifest names decides which checks apply (and whose error is reported).
-    try:
-        named = json.loads((Path(args.path) / "manifest.json").read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        named = None
-    kind = "adapter" if named == "gradot-adapter" else "emulator"
-    manifest = read_manifest(args.path, kind)
-    print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
+    manifest, checked = verify(args.path)  # refuses what a loader would refuse before reading weights
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(checked)
+        print(describe(manifest))
     return 0
 
 
@@ -245,7 +282,7 @@ COMMANDS = {"compress": cmd_compress, "plugin": cmd_plugin, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .artifacts import ArtifactError
+    from .artifacts import ArtifactError, printable
     from .calib import CalibrationError
     from .modeling import ModelLoadError
     from .registry import UnsupportedModelError
@@ -267,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except expected as exc:
-        print(f"gradot {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gradot {args.command}: error: {printable(str(exc))}", file=sys.stderr)  # one line, no escapes
         return 2
     except KeyboardInterrupt:
         print(f"gradot {args.command}: interrupted", file=sys.stderr)

@@ -58,7 +58,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    from .cli import _add_calibration, _add_device, _add_model, _keep, _positive_int
+    from .cli import _add_calibration, _add_device, _add_model, _keep, _positive_int, add_split_arguments
     from .methods import METHODS, add_method_arguments
 
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
@@ -85,6 +85,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the task files")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_split_arguments(p, emulator=False)
     _add_device(p)
     p.set_defaults(handler=cmd_eval)
 
@@ -128,10 +129,21 @@ def _records(args):
 
 
 def cmd_finetune(args) -> int:
-    from .artifacts import load_emulator, load_emulator_tokenizer, refuse_existing, save_adapter
+    import os
+
+    from .artifacts import claim_output, refuse_existing
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process holds --out
+        refuse_existing(args.out, args.overwrite)
+        return _finetune(args)
+    with claim_output(args.out, args.overwrite):  # one writer per --out, refused before training, not after
+        return _finetune(args)
+
+
+def _finetune(args) -> int:
+    from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
     from .finetune import FinetuneConfig, finetune_adapter
 
-    refuse_existing(args.out, args.overwrite)  # before training, not after it: the adapter could not be written
     emulator = load_emulator(args.emulator)
     tok = load_emulator_tokenizer(args.emulator)
     cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
@@ -153,23 +165,24 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .artifacts import load_emulator, load_emulator_tokenizer, plug_in
-    from .cli import resolve_device, resolve_dtype
+    from .artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
+    from .cli import UsageError, owner_split, resolve_device, resolve_dtype
     from .lmeval_tasks import evaluate
     from .modeling import load_model
-    from .pipeline import plug_adapter_into_emulator
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.emulator:
+        if args.adapter_layers:
+            raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
         emulator = load_emulator(args.emulator, device=device)
         tok = load_emulator_tokenizer(args.emulator)
         if args.adapter:
-            plug_adapter_into_emulator(emulator, Path(args.adapter))
+            plug_into_emulator(emulator, args.adapter, max_change=args.max_change)
         model = emulator.model.to(dtype)
     else:
         model, tok = load_model(args.model, dtype=dtype, device=device)
         if args.adapter:
-            plug_in(model, args.adapter)
+            plug_in(model, args.adapter, k=owner_split(args), max_change=args.max_change)
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.eval_batch_size)
     for task, metrics in results.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import load_emulator, plug_in, save_adapter, save_emulator
+from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
 from .finetune import FinetuneConfig, finetune_adapter, finetune_full, task_records
 from .lmeval_tasks import evaluate
 from .registry import decoder_layers
@@ -214,14 +214,14 @@ class Pipeline:
             save_adapter(emulator, adapter_dir, training={k: v for k, v in stats.items() if k != "loss_history"},
                          overwrite=True)
         else:  # the adapter survived an interruption: evaluate it without retraining
-            plug_adapter_into_emulator(emulator, adapter_dir)
+            plug_into_emulator(emulator, adapter_dir)
         result = self._evaluate(emulator.model, task)
         result["training"] = json.loads((adapter_dir / "manifest.json").read_text())["training"]
         return result
 
     def _plugin(self, adapter_dir: Path, task: str) -> dict:
         try:
-            plug_in(self.model, adapter_dir)
+            plug_in(self.model, adapter_dir, k=self.split.k)
             return self._evaluate(self.model, task)
         finally:
             self._restore_original()
@@ -303,19 +303,6 @@ def transfer_table(table: dict, tasks: list[str], methods: list[str]) -> dict:
         out[method] = {t: accuracy_transfer(plug[t], zs[t], ceiling[t])
                        for t in [*tasks, "avg"] if t in plug and t in zs and t in ceiling}
     return {m: row for m, row in out.items() if row}
-
-
-def plug_adapter_into_emulator(emulator, adapter_dir: Path) -> None:
-    """Load a saved adapter back into its emulator (resume path), checking it as plug-in does."""
-    from .artifacts import ADAPTER_FILE, read_manifest, read_tensors
-    manifest = read_manifest(adapter_dir, "adapter")
-    if manifest["base"]["fingerprint"] != emulator.manifest["base"]["fingerprint"]:
-        raise ValueError(f"{adapter_dir}: adapter was trained for another base model")
-    tensors = read_tensors(Path(adapter_dir), ADAPTER_FILE, manifest["files"][ADAPTER_FILE])
-    own = adapter_state_dict(emulator.model, emulator.adapter_sources, emulator.adapter_positions)
-    with torch.no_grad():
-        for name, t in tensors.items():
-            own[name].copy_(t)
 
 
 def _git_commit() -> str:
