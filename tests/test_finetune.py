@@ -1,5 +1,7 @@
 """Adapter / full fine-tuning through transformers' Trainer, on tiny random models."""
 
+import logging
+
 import pytest
 import torch
 from conftest import calib_batches, tiny_model, tiny_tokenizer
@@ -193,6 +195,28 @@ def test_same_seed_same_weights_and_resume_matches_uninterrupted(tmp_path):
     _, c = _emulator()  # a fresh process: untrained weights, restored from the checkpoint
     c, stats = finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=4, resume=True, **common))
     assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps"] == 4 and stats["steps_this_run"] == 2
+    for (n, x), y in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0), f"{n}: resumed run differs by {(x - y).abs().max():.2e}"
+
+
+def test_a_torn_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    """A kill during the Trainer's own write of trainer_state.json (issue 14): resume continues from
+    the previous complete checkpoint, says so in one line, and still matches an uninterrupted run."""
+    tok = tiny_tokenizer()
+    common = dict(lr_scheduler="constant", save_steps=2)
+    _, a = _emulator()
+    a, _ = finetune_adapter(a, tok, RECORDS, _cfg(tmp_path, "a", max_steps=4, **common))
+    _, c = _emulator()
+    finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=4, **common))  # checkpoints 2 and 4
+    state = tmp_path / "c" / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+    _, c = _emulator()
+    with caplog.at_level(logging.WARNING, logger="gradot.finetune"):
+        c, stats = finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=4, resume=True, **common))
+    assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps_this_run"] == 2
+    warned = [r.getMessage() for r in caplog.records if "trainer state unreadable" in r.getMessage()]
+    assert warned and warned[0] == ("checkpoint-4: trainer state unreadable (a write was interrupted); "
+                                    "using checkpoint-2 instead"), warned
     for (n, x), y in zip(a.model.state_dict().items(), c.model.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-5, rtol=0), f"{n}: resumed run differs by {(x - y).abs().max():.2e}"
 

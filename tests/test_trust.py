@@ -15,6 +15,8 @@ import json
 import os
 import pickle
 import random
+import re
+import resource
 import shutil
 import signal
 import struct
@@ -396,8 +398,62 @@ def corrupt_tokenizer(folder: Path, rng) -> tuple[str, bool]:
     return f"{name} {desc}{' (re-hashed)' if rehashed else ''}", not rehashed
 
 
+def corrupt_file_type(folder: Path, kind: str, rng) -> tuple[str, bool]:
+    """A file of the artifact replaced by a link to a device, a FIFO, a directory, or an oversized file."""
+    names = [MAN, ADA if kind == "adapter" else EMU] + ([CFG] if kind != "adapter" else [])
+    name, what = rng.choice(names), rng.choice(["/dev/zero", "/dev/urandom", "fifo", "directory", "oversized"])
+    path = folder / name
+    path.unlink()
+    if what.startswith("/dev/"):
+        path.symlink_to(what)
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "directory":
+        path.mkdir()
+    else:  # sparse: only its size is real
+        with open(path, "wb") as f:
+            f.truncate(300 << 20)
+    return f"{name} is {what}", True
+
+
+def corrupt_big_number(folder: Path, kind: str, rng) -> tuple[str, bool]:
+    """A 5000-digit integer (beyond Python's int-string limit) or 1e400 in a manifest or config."""
+    name = rng.choice([MAN, MAN] + ([CFG] if kind != "adapter" else []))
+    text = (folder / name).read_text()
+    spots = [m.span(1) for m in re.finditer(r'": (-?\d+)[,}\n]', text)]
+    start, end = rng.choice(spots)
+    value = rng.choice(["9" * 5000, "-" + "1" * 4500, "1e400", "1" + "0" * 400])
+    (folder / name).write_text(text[:start] + value + text[end:])
+    if name == CFG:
+        rehash(folder, CFG)
+    # 1e400 reads as inf, and a 401-digit integer parses: in an informational field they may be valid
+    return f"{name}: {text[start:end]} -> {value[:12]}… ({len(value)} chars)", len(value) > 4300
+
+
+def corrupt_split_claim(folder: Path, model, rng) -> tuple[str, bool]:
+    """An adapter claiming another split than the owner's k = 2."""
+    choice = rng.choice(["k=3, fingerprint recomputed", "k=1", "k=3"])
+    if choice.startswith("k=3,"):
+        shutil.rmtree(folder)
+        _hostile_k3_adapter(model, folder)
+        return f"split claim {choice}", True
+    k = int(choice[2])
+    m = read_manifest(folder)
+    m["adapter"] = {"k": k, "bottom": list(range(k)), "top": list(range(LAYERS - k, LAYERS))}
+    write_manifest(folder, m)
+    return f"split claim {choice}", True
+
+
+def corrupt_tokenizer_attack(folder: Path, rng) -> tuple[str, bool]:
+    label = rng.choice(sorted(TOKENIZER_ATTACKS))
+    _edit_tokenizer(folder, TOKENIZER_ATTACKS[label][0])
+    return f"tokenizer attack: {label}", True
+
+
 FUZZ_CASES = int(os.environ.get("GRADOT_FUZZ_CASES", "150"))
 FUZZ_SEED = int(os.environ.get("GRADOT_FUZZ_SEED", "20251122"))
+#: Peak-RSS growth the whole fuzz may cause: hostile files must be refused before they are read.
+FUZZ_MEMORY_MB = 1024
 
 
 def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsys):
@@ -405,12 +461,22 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
     rng = random.Random(FUZZ_SEED)
     tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     failures, refused, loaded = [], 0, 0
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for case in range(FUZZ_CASES):
         kind = rng.choice(["uniform", "crash", "svd", "adapter"])
         folder = copy_of(dirs[kind], tmp_path / f"case{case}")
-        target = rng.choice(["manifest", "manifest", "tensors", "tensors"] + (["config"] if kind != "adapter" else [])
-                            + (["tokenizer"] if kind == "uniform" else []))
-        if target == "manifest":
+        target = rng.choice(["manifest", "manifest", "tensors", "tensors", "file type", "big number"]
+                            + (["config"] if kind != "adapter" else []) + (["split claim"] if kind == "adapter" else [])
+                            + (["tokenizer", "tokenizer attack"] if kind == "uniform" else []))
+        if target == "file type":
+            desc, must = corrupt_file_type(folder, kind, rng)
+        elif target == "big number":
+            desc, must = corrupt_big_number(folder, kind, rng)
+        elif target == "split claim":
+            desc, must = corrupt_split_claim(folder, model, rng)
+        elif target == "tokenizer attack":
+            desc, must = corrupt_tokenizer_attack(folder, rng)
+        elif target == "manifest":
             desc, must = corrupt_manifest(folder, kind, rng)
         elif target == "tensors":
             desc, must = corrupt_safetensors(folder, ADA if kind == "adapter" else EMU, rng)
@@ -436,15 +502,21 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
                 failures.append(f"{label}: unclear message {str(exc)!r}")
         except (Exception, CaseTimeout) as exc:  # noqa: BLE001 - the point is to catch anything else
             failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
-        if target == "manifest":  # `gradot info` reads the same manifest: 0 or a one-line error
-            code = main(["info", str(folder)])
+        if target != "tokenizer":  # `gradot info` verifies the same files: 0 or a one-line error
+            with time_limit(20):
+                code = main(["info", str(folder)])
             err = capsys.readouterr().err
-            if code not in (0, 2) or (code == 2 and err.count("\n") != 1):
+            # info reads no weight values and knows no model: it may pass what only loading refuses
+            info_must = must and target not in ("split claim", "tokenizer attack") and " nan:" not in desc
+            if code not in (0, 2) or (code == 2 and err.count("\n") != 1) or (info_must and code == 0):
                 failures.append(f"{label}: gradot info exited {code}: {err!r}")
         shutil.rmtree(folder)
-    print(f"fuzz: {FUZZ_CASES} cases, {refused} refused, {loaded} loaded (corruptions that leave a valid artifact)")
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) // 1024
+    print(f"fuzz: {FUZZ_CASES} cases, {refused} refused, {loaded} loaded (corruptions that leave a valid artifact); "
+          f"peak memory grew by {grew} MB")
     assert not failures, f"{len(failures)} of {FUZZ_CASES} cases:\n" + "\n".join(failures[:30])
     assert refused > FUZZ_CASES * 0.8, (refused, loaded)
+    assert grew < FUZZ_MEMORY_MB, f"peak memory grew by {grew} MB over the fuzz cases"
 
 
 # --------------------------------------------------------------------------------------------- refusals
@@ -1226,3 +1298,313 @@ def test_info_verifies_before_describing(kind, damage, shipped, tmp_path, capsys
         message = "tokenizer.json: content hash does not match"
     code, _, err = run_cli(capsys, "info", folder)
     assert_one_line(code, err, message)
+
+
+# Every hostile case below must end in one line and exit code 2, within a time and a memory bound.
+# They run as real `gradot` commands, in one child process (one import of torch for all), each
+# under an alarm; the child reports how much each case raised its peak RSS.
+_RUNNER = r"""
+import contextlib, io, json, resource, signal, sys
+from gradot.cli import main
+
+def expire(signum, frame):
+    raise TimeoutError("still running")
+
+signal.signal(signal.SIGALRM, expire)
+results = []
+for argv, seconds in json.load(open(sys.argv[1])):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = io.StringIO()
+    signal.alarm(seconds)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException as exc:
+        code = f"{type(exc).__name__}: {exc}"
+    finally:
+        signal.alarm(0)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    results.append([code, err.getvalue(), grew])
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+#: Peak-RSS growth a refused case may cause (the campaign measured 1-6 GB before the fixes).
+CASE_MEMORY_MB = 300
+
+
+def run_hostile(tmp_path: Path, cases: dict[str, tuple[list, str]], seconds: int = 60) -> None:
+    """Run ``{label: (argv, expected message)}`` as gradot commands; each must exit 2 with one line
+    naming the cause, within ``seconds`` and CASE_MEMORY_MB of new peak memory."""
+    import subprocess
+    import sys
+
+    spec, out = tmp_path / "cases.json", tmp_path / "results.json"
+    spec.write_text(json.dumps([[[str(a) for a in argv], seconds] for argv, _ in cases.values()]))
+    subprocess.run([sys.executable, "-c", _RUNNER, str(spec), str(out)], check=True,
+                   timeout=120 + seconds * len(cases))
+    failures = []
+    for (label, (_, message)), (code, err, grew) in zip(cases.items(), json.loads(out.read_text())):
+        lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]  # not progress bars
+        if code != 2 or len(lines) != 1 or message not in lines[0] or "\x1b" in err:
+            failures.append(f"{label}: exit {code}, {err!r}")
+        elif grew > CASE_MEMORY_MB:
+            failures.append(f"{label}: peak memory grew by {grew} MB")
+    assert not failures, "\n".join(failures)
+
+
+def _big_int_manifest(folder: Path) -> None:
+    text = (folder / MAN).read_text()
+    (folder / MAN).write_text(text.replace('"num_layers": 8', '"num_layers": ' + "9" * 5000, 1))
+
+
+def _big_int_config(folder: Path) -> None:
+    text = (folder / CFG).read_text()
+    (folder / CFG).write_text(text.replace('"vocab_size": 128', '"vocab_size": ' + "1" * 5000, 1))
+    rehash(folder, CFG)
+
+
+def _special_file(folder: Path, name: str, what: str) -> None:
+    path = folder / name
+    path.unlink()
+    if what == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "directory":
+        path.mkdir()
+    else:  # a 300 MB manifest (sparse: its size alone must refuse it)
+        with open(path, "wb") as f:
+            f.truncate(300 << 20)
+
+
+def _deep_emulator(folder: Path, positions: int, base_layers: int) -> None:
+    """An emulator whose middle is one layer repeated ``positions`` times (each slot shares it)."""
+    m = read_manifest(folder)
+    slots = m["slots"]
+    middle = [dict(slots[2], shares=None)] + [dict(slots[2], shares=2) for _ in range(positions - 5)]
+    m["slots"] = slots[:2] + middle + slots[-2:]
+    m["base"]["num_layers"] = base_layers
+    m["size"]["emulator_depth"] = len(m["slots"])
+    write_manifest(folder, m)
+    _edit_config(folder, num_hidden_layers=len(m["slots"]))
+
+
+def _huge_listed_tensor(folder: Path, name: str, key: str) -> None:
+    """A listed, hash-correct 1 GiB extra tensor (stored sparse: the disk holds almost nothing)."""
+    data = (folder / name).read_bytes()
+    n, head = header(data)
+    body = data[8 + n:]
+    head[key] = {"dtype": "F32", "shape": [1 << 18, 1 << 10], "data_offsets": [len(body), len(body) + (1 << 30)]}
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / name, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + body)
+        f.truncate(8 + len(raw) + len(body) + (1 << 30))
+    m = read_manifest(folder)
+    m["files"][name]["tensors"][key] = {"dtype": "float32", "shape": [1 << 18, 1 << 10]}
+    m["files"][name]["sha256"] = sha256_file(folder / name)
+    write_manifest(folder, m)
+
+
+def test_big_numbers_special_files_deep_emulators_and_huge_tensors_end_in_one_line(shipped, tmp_path):
+    model, dirs = shipped
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    cases = {}
+
+    def emulator(label, damage, message, commands=("info", "eval", "finetune")):
+        folder = copy_of(dirs["uniform"], tmp_path / label.replace(" ", "_"))
+        damage(folder)
+        argv = {"info": ["info", folder],
+                "eval": ["eval", "--emulator", folder, "--tasks", "piqa", "--limit", "1", "--device", "cpu"],
+                "finetune": ["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
+                             "--max-steps", "1", "--out", tmp_path / f"{label}-out"]}
+        for command in commands:
+            cases[f"{label} ({command})"] = (argv[command], message)
+
+    def adapter(label, damage, message):
+        folder = copy_of(dirs["adapter"], tmp_path / label.replace(" ", "_"))
+        damage(folder)
+        cases[f"{label} (info)"] = (["info", folder], message)
+        cases[f"{label} (plugin)"] = (["plugin", "--model", model_dir, "--adapter", folder, "--out",
+                                       tmp_path / "plugged"], message)
+        cases[f"{label} (eval)"] = (["eval", "--emulator", dirs["uniform"], "--adapter", folder, "--tasks", "piqa",
+                                     "--limit", "1", "--device", "cpu"], message)
+
+    # 5: integers beyond Python's digit limit.
+    emulator("5000-digit int in manifest", _big_int_manifest, "manifest.json: not valid JSON")
+    emulator("5000-digit int in config", _big_int_config, "config.json: not a readable JSON config",
+             commands=("info", "eval"))
+    adapter("5000-digit int in adapter", _big_int_manifest, "manifest.json: not valid JSON")
+    # 6: the manifest or a listed file as a link to a device, a FIFO, a directory, or oversized.
+    for what in ("/dev/zero", "fifo", "directory", "300 MB"):
+        message = {"/dev/zero": "is a symbolic link", "300 MB": "314,572,800 bytes, more than the 4,194,304"}.get(what, "not a plain file")
+        emulator(f"manifest {what}", lambda f, w=what: _special_file(f, MAN, w), f"manifest.json: {message}",
+                 commands=("info", "eval") if what == "/dev/zero" else ("eval",))
+        adapter(f"adapter manifest {what}", lambda f, w=what: _special_file(f, MAN, w), f"manifest.json: {message}")
+        if what != "300 MB":
+            emulator(f"config {what}", lambda f, w=what: _special_file(f, CFG, w), f"config.json: {message}",
+                     commands=("eval",))
+            adapter(f"tensors {what}", lambda f, w=what: _special_file(f, ADA, w), f"adapter.safetensors: {message}")
+    # 7: many positions sharing one layer.
+    emulator("10,000 positions", lambda f: _deep_emulator(f, 10_000, 10_000), "'base.num_layers' is 10000")
+    emulator("10,000 positions in an 8-layer base", lambda f: _deep_emulator(f, 10_000, 8),
+             "expected a list of 5 to 8 positions")
+    # 8: a listed, hash-correct 1 GiB tensor is refused before it is read.
+    emulator("1 GiB extra tensor", lambda f: _huge_listed_tensor(f, EMU, "model.layers.9.mlp.up_proj.weight"),
+             "tensors do not match the emulator architecture", commands=("eval",))
+    adapter("1 GiB extra tensor", lambda f: _huge_listed_tensor(f, ADA, "model.layers.3.mlp.up_proj.weight"),
+            "unexpected: ['model.layers.3.mlp.up_proj.weight']")
+    del cases["1 GiB extra tensor (info)"]  # info reads no adapter model: it checks the header only (covered above)
+    run_hostile(tmp_path, cases)
+
+
+def _edit_tokenizer(folder: Path, edit) -> None:
+    data = json.loads((folder / "tokenizer.json").read_text())
+    edit(data)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    rehash(folder, "tokenizer.json")
+
+
+TOKENIZER_ATTACKS = {
+    # ids beyond the model's 128 embeddings: a traceback deep in training, before the fix
+    "token id >= vocab size": (lambda t: t["model"]["vocab"].update({"zzz": 5000}), "has token id 5000"),
+    # a split regex that backtracks on long words: a Rust panic
+    "backtracking split regex": (
+        lambda t: t.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated",
+                                          "invert": False}),
+        "fails on long words"),
+    # one character expanded to 300k
+    "expanding normalizer": (
+        lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 300_000}),
+        "inserts 300,000 characters"),
+    "200k added tokens": (
+        lambda t: t["added_tokens"].extend({"id": 3 + i % 100, "content": f"<t{i}>", "single_word": False,
+                                            "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+                                           for i in range(200_000)),
+        "200,003 added tokens"),
+}
+
+
+def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_path):
+    _, dirs = shipped
+    cases = {}
+    for label, (edit, message) in TOKENIZER_ATTACKS.items():
+        folder = copy_of(dirs["uniform"], tmp_path / label.replace(" ", "_"))
+        _edit_tokenizer(folder, edit)
+        with pytest.raises(ArtifactError, match=re.escape(message)) as exc:
+            with time_limit(60):
+                load_emulator_tokenizer(folder)
+        assert_clean(exc.value, folder)
+        cases[f"{label} (finetune)"] = (["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
+                                         "--max-steps", "1", "--out", tmp_path / f"{label}-out"], message)
+    run_hostile(tmp_path, cases)
+
+
+def test_absurd_adapter_values_warn_or_are_refused(shipped, adapter_dir, tmp_path, caplog, capsys):
+    model, _ = shipped
+    key = "model.layers.7.mlp.down_proj.weight"
+    _retype(adapter_dir, ADA, key, torch.full((32, 64), 3e38))  # finite, and no fine-tuning goes there
+    with caplog.at_level("WARNING", logger="gradot.artifacts"):
+        plug_in(copy.deepcopy(model), adapter_dir)
+    assert f"{key} moved" in caplog.text and "no plausible fine-tuning" in caplog.text
+    with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 10x") as exc:
+        plug_in(copy.deepcopy(model), adapter_dir, max_change=10)
+    assert_clean(exc.value, adapter_dir)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out", tmp_path / "p",
+                           "--max-change", "10")
+    assert_one_line(code, err, "more than the allowed 10x")
+    # An ordinary fine-tuning step stays far below the bound.
+    emu = load_emulator(shipped[1]["uniform"])
+    with torch.no_grad():
+        for p in emu.adapter_parameters():
+            p.mul_(1.05)
+    save_adapter(emu, tmp_path / "tuned")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradot.artifacts"):
+        plug_in(copy.deepcopy(model), tmp_path / "tuned", max_change=0.1)
+    assert "moved" not in caplog.text
+
+
+def test_error_lines_escape_control_characters_from_tensor_names(shipped, adapter_dir, tmp_path, capsys):
+    model, _ = shipped
+    evil = "model.layers.0.\x1b]0;owned\x07\x1b[2J.weight"
+    _add_tensor(adapter_dir, ADA, evil, torch.zeros(2), list_it=False)
+    with pytest.raises(ArtifactError) as exc:
+        plug_in(copy.deepcopy(model), adapter_dir)
+    assert "\x1b" not in str(exc.value) and "\\x1b]0;owned\\x07" in str(exc.value)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out", tmp_path / "p")
+    assert_one_line(code, err, "tensors not listed in the manifest")
+    assert "\x1b" not in err and "\x07" not in err
+
+
+def test_a_kill_between_the_renames_of_overwrite_loses_neither_copy(shipped, emulator_dir, monkeypatch):
+    """Where rename-exchange is missing, the old copy waits beside ``out`` until the new one is in
+    place; a run killed between the two renames leaves no ``out``, and the next claim restores it."""
+    model, _ = shipped
+    before = snapshot(emulator_dir)
+    monkeypatch.setattr(artifacts, "_renameat2", lambda src, dst, flags: False)
+    real_replace = os.replace
+
+    def killed_after_first(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name.startswith(f".{emulator_dir.name}.old-"):
+            raise KeyboardInterrupt("kill -9 between the two renames")
+
+    monkeypatch.setattr(artifacts.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        save_emulator(uniform_emulator(model, split_model(model, 2), 0.25), emulator_dir, overwrite=True)
+    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    assert not emulator_dir.exists() and any(n.startswith(f".{emulator_dir.name}.old-") for n in leftovers(emulator_dir))
+    with artifacts.claim_output(emulator_dir, overwrite=True):  # the next run on that --out
+        pass
+    assert snapshot(emulator_dir) == before and leftovers(emulator_dir) == []
+    load_emulator(emulator_dir)
+
+
+def test_overwrite_exchanges_atomically_and_cleans_stale_temporaries(shipped, emulator_dir):
+    model, _ = shipped
+    # Left by killed runs of this and earlier versions: cleaned by the next run on the same --out.
+    for name in (".tmp-abc123", ".old-999", ".old4242", ".x1y2z3w4"):
+        (emulator_dir.parent / f".{emulator_dir.name}{name}").mkdir()
+    (emulator_dir.parent / f".{emulator_dir.name}.unrelated-notes").mkdir()  # not ours: kept
+    save_emulator(uniform_emulator(model, split_model(model, 2), 0.25), emulator_dir, overwrite=True)
+    assert leftovers(emulator_dir) == [f".{emulator_dir.name}.unrelated-notes"]
+    assert load_emulator(emulator_dir).manifest["keep_requested"] == 0.25
+
+
+def test_a_second_writer_of_the_same_out_is_refused_at_once(tiny_model_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "emu"
+    lock = tmp_path / ".emu.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a first `gradot compress --out emu` is running
+        code, _, err = run_cli(capsys, "compress", "--model", tiny_model_dir, "--out", out)
+        assert_one_line(code, err, "another gradot process is writing it")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+    # Something that is not gradot fills a fresh --out while the command works: refused, kept.
+    with pytest.raises(ArtifactError, match="already exists"):
+        with artifacts.atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("ours")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and leftovers(out) == []

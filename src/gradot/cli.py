@@ -309,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradot {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        # A Rust panic in a library (a shipped tokenizer's regex on a long word) is a BaseException.
+        if type(exc).__name__ != "PanicException":
+            raise
+        print(f"gradot {args.command}: error: a library panicked (a shipped tokenizer on unusual text?): "
+              f"{printable(' '.join(str(exc).split()))[:300]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

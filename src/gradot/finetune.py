@@ -399,7 +399,26 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if child.is_dir() and step != child.name and step.isdigit():
             if (child / TRAINABLE_FILE).is_file() and (child / _TRAINER_STATE).is_file():
                 found.append((int(step), child))
-    return max(found)[1] if found else None
+    torn = []
+    for _, child in sorted(found, reverse=True):
+        if _readable_state(child / _TRAINER_STATE):
+            if torn:
+                log.warning("%s: trainer state unreadable (a write was interrupted); using %s instead",
+                            ", ".join(torn), child.name)
+            return child
+        torn.append(child.name)
+    if torn:
+        log.warning("%s: trainer state unreadable (a write was interrupted); no complete checkpoint left",
+                    ", ".join(torn))
+    return None
+
+
+def _readable_state(path: Path) -> bool:
+    """A kill during the Trainer's own (non-atomic) write leaves trainer_state.json torn."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _trainer_class():
