@@ -136,7 +136,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def _recover(out: Path) -> None:
     """Restore a copy left under .old-* by a run killed between its two renames; drop other temporaries."""
     pattern = _temporary(out)
-    stale = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
+    stale = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name)), key=lambda p: p.lstat().st_mtime)
     olds = [p for p in stale if p.name.startswith(f".{out.name}.old-")]
     if olds and not (out.exists() or out.is_symlink()):
         os.rename(olds[-1], out)
@@ -161,7 +161,10 @@ def claim_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.with_name(f".{out.name}.lock")
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise ArtifactError(f"{lock}: cannot create the lock of {out.name} ({_why(exc)})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
