@@ -179,7 +179,7 @@ def markdown(info: dict) -> str:
              f"{a['zs_task']} accuracy **{info['original']['acc']:.3f}** (first {a['zs_limit']} validation questions).",
              "", "### Recovery attack: the whole emulator fine-tuned on public text (WikiText-2 valid)", "",
              "| method | attack tokens | perplexity | ppl gap closed | acc | acc gap closed |", "|---|---|---|---|---|---|"]
-    fmt = lambda x, spec=".2f": "n/a" if x is None else format(x, spec)  # noqa: E731
+    fmt = lambda x, spec=".2f": "n/a" if x is None else format(x + 0.0, spec)  # noqa: E731 (+0.0: no "-0.00")
     for r in info["recovery"]:
         for row in r["rows"]:
             lines.append(f"| {r['method']} | {row['tokens']:,} | {row['perplexity']:.1f} | {fmt(row['ppl_gap_closed'])} "
