@@ -137,13 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .methods import DEFAULT_KEEP
+
     p = sub.add_parser("compress", help="model owner: build an emulator of the model's middle block")
     _add_model(p)
     p.add_argument("--method", default="uniform", choices=available_methods(),
                    help="uniform: OT† layer drop; crash: CKA clustering + layer sharing; gradot: KFAC "
                         "gradient-preserving rank decomposition + channel pruning; svd: plain SVD + weight-norm "
                         "channel pruning; wanda: plain SVD + activation-aware channel pruning")
-    p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep, in (0, 1]")
+    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters to keep, in (0, 1] (default chosen on the transfer frontier: docs/transfer.md)")
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k: bottom k and top k layers form the adapter")
     p.add_argument("--out", required=True, help="output directory of the emulator")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -59,7 +59,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     from .cli import _add_calibration, _add_device, _add_model, _keep, _positive_int, add_split_arguments
-    from .methods import METHODS, add_method_arguments
+    from .methods import DEFAULT_KEEP, METHODS, add_method_arguments
 
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
     p.add_argument("--emulator", required=True, help="emulator directory from the model owner")
@@ -94,7 +94,7 @@ def add_commands(sub) -> None:
     p.add_argument("--method", default="uniform",
                    help=f"emulator method(s), comma-separated, from: {', '.join(sorted(METHODS))}")
     p.add_argument("--tasks", type=_train_tasks, default=["piqa"], help="comma-separated tasks (with training data)")
-    p.add_argument("--keep", type=_keep, default=0.4, help="fraction of middle-block parameters to keep")
+    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP, help="fraction of middle-block parameters to keep")
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
     p.add_argument("--no-adapter-ft", dest="adapter_ft", action="store_false",

@@ -87,6 +87,10 @@ def _gradot_like(selection: str):
 
 _NAMES = {"gcs": "gradot", "svd": "svd", "wanda": "wanda"}
 
+#: Default share of the middle block an emulator keeps: chosen on the measured transfer frontier
+#: (docs/transfer.md): at 0.4 no method carried the fine-tuning gain into the full model.
+DEFAULT_KEEP = 0.7
+
 METHODS: dict[str, Callable] = {
     "uniform": _uniform,
     "crash": _crash,
@@ -105,7 +109,7 @@ def _gradot_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the first-order (privacy) term for attention DRD; 0 = curvature only")
     g.add_argument("--lambda-mlp", type=float, default=0.0,
                    help="weight of the first-order (privacy) term for MLP SCP; 0 = curvature only")
-    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+    g.add_argument("--allocation", default="global", choices=ALLOCATIONS,
                    help="uniform: same keep ratio in every matrix; global: lowest curvature cost per parameter "
                         "across all components and channels; global-layers: also whole layers")
     g.add_argument("--auto-lambda", type=float, default=None, metavar="THRESHOLD",
