@@ -75,3 +75,41 @@ def test_too_few_layers_and_short_calibration(tiny_model_dir, tmp_path, capsys):
                        "--out", tmp_path / "e")
     assert code == 2 and "empty" in err
     assert not (tmp_path / "e").exists()
+
+
+def _cli_process(*argv):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gradot
+
+    env = dict(os.environ, PYTHONPATH=str(Path(gradot.__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, "-m", "gradot.cli", *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_info_into_a_closed_pipe_ends_quietly(tiny_model_dir, tmp_path, capsys):
+    # `gradot info emu | head -3`: the reader leaves before the output is written.
+    assert run(capsys, "compress", "--model", tiny_model_dir, "--keep", "0.5", "--out", tmp_path / "emu")[0] == 0
+    proc = _cli_process("info", tmp_path / "emu")
+    proc.stdout.close()  # closed before the child writes (it takes a second to import)
+    err = proc.stderr.read()
+    assert proc.wait() == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_adapter_info_lists_training_one_item_a_line(tiny_model_dir, tmp_path, capsys):
+    from gradot.artifacts import load_emulator, save_adapter
+
+    assert run(capsys, "compress", "--model", tiny_model_dir, "--keep", "0.5", "--out", tmp_path / "emu")[0] == 0
+    training = {"train_loss": 1.23456, "steps": 4, "data": ["pairs"], "config": {"max_length": 64, "lr": None}}
+    save_adapter(load_emulator(tmp_path / "emu"), tmp_path / "adapter", training=training)
+    code, out, _ = run(capsys, "info", tmp_path / "adapter")
+    assert code == 0
+    assert "{" not in out and "'" not in out  # no raw Python dict
+    lines = out.splitlines()
+    start = lines.index("training:")
+    assert lines[start + 1:start + 7] == ["  train_loss: 1.235", "  steps: 4", "  data: pairs", "  config:",
+                                          "    max_length: 64", "    lr: None"]

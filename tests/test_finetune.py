@@ -221,6 +221,43 @@ def test_a_torn_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, ca
         assert torch.allclose(x, y, atol=1e-5, rtol=0), f"{n}: resumed run differs by {(x - y).abs().max():.2e}"
 
 
+def test_resumed_run_records_the_whole_runs_loss(tmp_path):
+    # Logging every 10 steps: a 4-step run logs no interval of its own; the loss must still cover
+    # every step, also when the run is resumed (the Trainer's train_loss covers only its own steps,
+    # and is 0.0 for a finished run resumed).
+    tok = tiny_tokenizer()
+    common = dict(lr_scheduler="constant", save_steps=2, logging_steps=10)
+    _, a = _emulator()
+    a, whole = finetune_adapter(a, tok, RECORDS, _cfg(tmp_path, "a", max_steps=4, **common))
+    _, c = _emulator()
+    finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=2, **common))
+    _, c = _emulator()
+    _, resumed = finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=4, resume=True, **common))
+    assert resumed["steps_this_run"] == 2
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=2e-4)
+    # Resuming the finished run (6 rows, batch 2: it ends inside an epoch): no step is run (the
+    # Trainer alone would run a fifth), the weights are the checkpoint's, the run's loss is kept.
+    _, c = _emulator()
+    c, finished = finetune_adapter(c, tok, RECORDS, _cfg(tmp_path, "c", max_steps=4, resume=True, **common))
+    assert finished["steps_this_run"] == 0 and finished["steps"] == 4
+    for (n, x), y in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0), n
+    assert finished["train_loss"] == pytest.approx(whole["train_loss"], abs=2e-4) and finished["train_loss"] > 0
+
+
+def test_remove_checkpoints_deletes_only_checkpoints(tmp_path):
+    from gradot.finetune import remove_checkpoints
+
+    _, emu = _emulator()
+    finetune_adapter(emu, tiny_tokenizer(), RECORDS, _cfg(tmp_path, "x", save_steps=1))
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    remove_checkpoints(tmp_path / "x")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["notes.txt"]
+    (tmp_path / "x" / "notes.txt").unlink()
+    remove_checkpoints(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_checkpoints_of_another_run_are_refused_not_mixed_in(tmp_path):
     tok = tiny_tokenizer()
     _, emu = _emulator()

@@ -43,6 +43,7 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     assert "s/step, loss" in table.split("Cost per cell")[1]  # training cost of the fine-tuned rows
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "adapters" / "uniform-keep0.5-piqa" / "adapter.safetensors").exists()
+    assert not (out / "checkpoints").exists()  # deleted once each fine-tuned cell was done
     # Resume: a killed run loses at most its unfinished cell; finished cells are not recomputed.
     (out / "cells" / "uniform-plugin-arc_easy.json").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
@@ -86,10 +87,18 @@ def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys, monkeypatc
         m.setattr("gradot.finetune.finetune_adapter", lambda *a, **k: pytest.fail("trained before checking --out"))
         code, _, err = run(capsys, *again)
     assert code == 2 and "already exists" in err
-    code, _, err = run(capsys, *again, "--overwrite")  # its checkpoints would be mixed into a new run
-    assert code == 2 and "--resume" in err
-    code, out, err = run(capsys, *again, "--overwrite", "--resume")  # the finished run: nothing left to do
+    checkpoints = tmp_path / "adapter.checkpoints"
+    assert not checkpoints.exists()  # deleted once the adapter was written
+    code, _, err = run(capsys, *again, "--overwrite", "--keep-checkpoints")
+    assert code == 0 and (checkpoints / "checkpoint-2").is_dir(), err
+    loss = json.loads((tmp_path / "adapter" / "manifest.json").read_text())["training"]["train_loss"]
+    code, out, err = run(capsys, *again, "--overwrite", "--resume", "--keep-checkpoints")  # nothing left to do
     assert code == 0 and "no step to run" in out, err
+    resumed = json.loads((tmp_path / "adapter" / "manifest.json").read_text())["training"]
+    assert resumed["steps_this_run"] == 0 and resumed["train_loss"] == pytest.approx(loss) and loss > 0
+    code, out, err = run(capsys, *again, "--overwrite")  # starting over replaces the earlier checkpoints too
+    assert code == 0, err
+    assert not checkpoints.exists()
     with pytest.raises(SystemExit):
         main(["finetune", "--emulator", str(emu), "--task", "wikitext", "--out", str(tmp_path / "a2")])
     assert "unknown task" in capsys.readouterr().err

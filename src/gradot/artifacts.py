@@ -1030,6 +1030,27 @@ def emulator_split(emulator_dir: str | os.PathLike) -> int:
     return read_manifest(emulator_dir, "emulator")["adapter"]["k"]
 
 
+def _training_lines(training: Any, indent: str = "  ") -> list[str]:
+    """The adapter's ``training`` entry as one ``key: value`` line per item (nested dicts indented)."""
+    if not isinstance(training, dict) or not training:
+        return ["training: (not recorded)"]
+    lines = ["training:"]
+
+    def walk(entry: dict, depth: int) -> None:
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                lines.append(f"{indent * depth}{key}:")
+                walk(value, depth + 1)
+            else:
+                shown = f"{value:.4g}" if isinstance(value, float) else value
+                if isinstance(value, list):
+                    shown = ", ".join(str(v) for v in value) or "(none)"
+                lines.append(f"{indent * depth}{key}: {shown}")
+
+    walk(training, 1)
+    return lines
+
+
 def describe(manifest: dict[str, Any]) -> str:
     """A readable summary of an emulator or adapter manifest (``gradot info``)."""
     lines = [f"{manifest.get('format')} v{manifest.get('format_version')}  ({manifest.get('model_type')})"]
@@ -1056,7 +1077,9 @@ def describe(manifest: dict[str, Any]) -> str:
                 detail.append(f"mlp channels {s['channels']}")
             lines.append(f"  {pos:3d}: layer {s.get('source'):3d}  {s.get('role'):7s}  {'; '.join(detail)}")
     else:
-        lines.append(f"trained on: {manifest.get('emulator')}  training: {manifest.get('training')}")
+        emu = manifest.get("emulator") if isinstance(manifest.get("emulator"), dict) else {}
+        lines.append(f"trained on: a {emu.get('method')} emulator, keep achieved {emu.get('keep_achieved')}")
+        lines += _training_lines(manifest.get("training"))
     for name, entry in manifest.get("files", {}).items():
         n = len(entry.get("tensors", {})) if isinstance(entry, dict) else 0
         lines.append(f"file {name}: sha256 {str(entry.get('sha256', ''))[:16]}…" + (f"  {n} tensors" if n else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -305,13 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: a closed pipe (`gradot info emu | head -3`) is reported here
+        return code
     except expected as exc:
         print(f"gradot {args.command}: error: {printable(str(exc))}", file=sys.stderr)  # one line, no escapes
         return 2
     except KeyboardInterrupt:
         print(f"gradot {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped reading: not an error of ours. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit as a program killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     except BaseException as exc:
         # A Rust panic in a library (a shipped tokenizer's regex on a long word) is a BaseException.
         if type(exc).__name__ != "PanicException":

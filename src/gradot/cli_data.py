@@ -71,7 +71,10 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="adapter output directory (returned to the model owner)")
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the checkpoints after a successful run (default: deleted once the adapter is written)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (and, without --resume, earlier checkpoints)")
     _training_arguments(p)
     p.set_defaults(handler=cmd_finetune)
 
@@ -108,6 +111,8 @@ def add_commands(sub) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write the table, JSON and plot from the cells already computed (missing ones show '–'); "
                         "loads no model, computes nothing")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each fine-tuning run's checkpoints after its cell is done (default: deleted)")
     _add_device(p)
     _training_arguments(p)
     _add_calibration(p)
@@ -142,25 +147,33 @@ def cmd_finetune(args) -> int:
 
 def _finetune(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
-    from .finetune import FinetuneConfig, finetune_adapter
+    from .finetune import FinetuneConfig, finetune_adapter, remove_checkpoints
 
+    checkpoints = args.checkpoints or f"{args.out}.checkpoints"
+    from accelerate import PartialState
+
+    main_process = PartialState().is_main_process  # under `accelerate launch`, one process writes and deletes
+    if args.overwrite and not args.resume and main_process:  # starting over: earlier checkpoints would be refused
+        remove_checkpoints(checkpoints)
+    records = _records(args)  # bad data fails before the emulator loads
     emulator = load_emulator(args.emulator)
     tok = load_emulator_tokenizer(args.emulator)
-    cfg = FinetuneConfig(output_dir=args.checkpoints or f"{args.out}.checkpoints", task=args.task,
+    cfg = FinetuneConfig(output_dir=checkpoints, task=args.task,
                          learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume,
                          bf16=args.bf16, max_length=args.max_length)
-    emulator, stats = finetune_adapter(emulator, tok, _records(args), cfg)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the adapter
+    emulator, stats = finetune_adapter(emulator, tok, records, cfg)
+    if not main_process:
         return 0
     save_adapter(emulator, args.out, training={k: v for k, v in stats.items() if k != "loss_history"},
                  overwrite=args.overwrite)
+    if not args.keep_checkpoints:  # the adapter is written: they could only resume a finished run
+        remove_checkpoints(checkpoints)
     speed = (f", {stats['seconds_per_step']:.2f} s/step, {stats['tokens_per_second']:.0f} tokens/s"
              if stats["steps_this_run"] and stats["tokens_per_second"] else " (no step to run: resumed a finished run)")
     loss = f"{stats['train_loss']:.4f}" if stats["train_loss"] is not None else "n/a"
-    print(f"adapter written to {args.out}: {stats['steps']} steps, final loss {loss}{speed}")
+    kept = f"; checkpoints kept in {checkpoints}" if args.keep_checkpoints else ""
+    print(f"adapter written to {args.out}: {stats['steps']} steps, mean training loss {loss}{speed}{kept}")
     return 0
 
 
@@ -211,7 +224,7 @@ def cmd_pipeline(args) -> int:
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
         max_length=args.max_length,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
-        bf16=args.bf16, report_only=args.report_only, compress_args={k: getattr(args, k) for k in compress_keys},
+        bf16=args.bf16, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints, compress_args={k: getattr(args, k) for k in compress_keys},
         dtype=args.dtype,
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

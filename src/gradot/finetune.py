@@ -83,6 +83,8 @@ __all__ = [
     "lora_target_modules",
     "output_head",
     "pad_token_id",
+    "remove_checkpoints",
+    "run_loss",
     "save_trainable",
     "task_records",
     "trainable_parameters",
@@ -421,6 +423,63 @@ def _readable_state(path: Path) -> bool:
         return False
 
 
+def remove_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete a run's checkpoints (``checkpoint-*`` folders and the run record) from ``output_dir``,
+    and the folder itself when nothing else is left in it (nothing else is ever deleted)."""
+    import shutil
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.startswith("checkpoint-"):
+            shutil.rmtree(child)
+    (folder / RUN_FILE).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def run_loss(log_history: Sequence[dict]) -> float | None:
+    """The mean training loss over every step of the run, from the Trainer's log history.
+
+    Each ``loss`` entry is the mean over the steps since the previous one, so the entries weighted by
+    their step counts give the whole run's mean, also across a resume (the history is restored from
+    the checkpoint). ``_LogBeforeSave`` makes sure no step goes unlogged. None: no loss was logged.
+    """
+    total, last, steps = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else None
+
+
+class _AlreadyFinished(Exception):
+    """Raised at the start of a resumed run whose checkpoint already holds every step."""
+
+
+def _log_before_save():
+    from transformers import TrainerCallback
+
+    class LogBeforeSave(TrainerCallback):
+        """Log the loss at every checkpoint and at the last step, so that the log history (saved
+        in each checkpoint) covers every step and a resumed run still knows the whole run's loss.
+        A resumed run that has no step left stops before its first step (the Trainer would run one
+        more step when the checkpoint ends inside an epoch)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step and state.global_step >= state.max_steps:
+                raise _AlreadyFinished
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogBeforeSave()
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -616,13 +675,17 @@ def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rat
         args=_training_arguments(cfg, learning_rate),
         train_dataset=dataset,
         data_collator=CausalLMCollator(pad_token_id(tokenizer)),
-        callbacks=[meter, *(callbacks or [])],
+        callbacks=[meter, _log_before_save(), *(callbacks or [])],
         head_at_labels=HeadAtLabels(output_head(model)) if cfg.head_at_labels else None,
     )
     checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log.info("resume: no complete checkpoint in %s, starting from scratch", cfg.output_dir)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        metrics = output.metrics
+    except _AlreadyFinished:  # the checkpoint's weights and log history are loaded: nothing to train
+        metrics = {}
     history = [
         {k: e[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in e}
         for e in trainer.state.log_history
@@ -631,9 +694,11 @@ def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rat
     steps = getattr(meter, "steps", 0)
     seconds = getattr(meter, "seconds", 0.0)
     tokens = getattr(meter, "tokens", 0)
+    # The Trainer's ``train_loss`` covers only this process's steps (0.0 when a finished run resumes).
+    loss = run_loss(trainer.state.log_history)
     return {
         "learning_rate": learning_rate,
-        "train_loss": output.metrics.get("train_loss"),
+        "train_loss": loss if loss is not None else metrics.get("train_loss"),
         "loss_history": history,
         "steps": trainer.state.global_step,
         "steps_this_run": steps,
@@ -644,8 +709,9 @@ def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rat
         "examples": len(dataset),
         "loss_tokens_per_epoch": dataset.loss_tokens,
         "data": sorted(dataset.kinds),
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "checkpoint": str(final) if (final := last_checkpoint(cfg.output_dir)) else None,
+        # Folder names, not paths: these statistics go into the adapter's manifest (to the model owner).
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "checkpoint": final.name if (final := last_checkpoint(cfg.output_dir)) else None,
     }
 
 
@@ -696,7 +762,7 @@ def _finetune(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, *, posi
         else:
             stats["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(model).values())
             stats.update(_run(model, tokenizer, records, cfg, lr, callbacks, stats["mode"]))
-    stats["config"] = asdict(cfg)
+    stats["config"] = {k: v for k, v in asdict(cfg).items() if k != "output_dir"}  # a local path
     return model, stats
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
-from .finetune import FinetuneConfig, finetune_adapter, finetune_full, task_records
+from .finetune import FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
 from .lmeval_tasks import evaluate
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
@@ -72,6 +72,7 @@ class PipelineConfig:
     dtype: str = "float32"  # the weights' dtype for compression and evaluation
     command: str = ""
     report_only: bool = False  # build the table from the cells already computed; compute nothing
+    keep_checkpoints: bool = False  # keep fine-tuning checkpoints once their cell is done
 
 
 def _metric(result: dict[str, float]) -> tuple[str, float, float]:
@@ -213,6 +214,7 @@ class Pipeline:
             emulator, stats = finetune_adapter(emulator, self.tok, self._records(task), cfg)
             save_adapter(emulator, adapter_dir, training={k: v for k, v in stats.items() if k != "loss_history"},
                          overwrite=True)
+            self._drop_checkpoints(cfg)
         else:  # the adapter survived an interruption: evaluate it without retraining
             plug_into_emulator(emulator, adapter_dir)
         result = self._evaluate(emulator.model, task)
@@ -245,7 +247,15 @@ class Pipeline:
         result = self._evaluate(model, task)
         result["training"] = {k: v for k, v in stats.items() if k != "loss_history"}
         del model
+        self._drop_checkpoints(cfg)  # the cell is about to be written: nothing left to resume
         return result
+
+    def _drop_checkpoints(self, ft: FinetuneConfig) -> None:
+        if not self.cfg.keep_checkpoints:
+            remove_checkpoints(ft.output_dir)
+            parent = Path(ft.output_dir).parent
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
 
     # -- report -------------------------------------------------------------------------------
     def report(self, cells: dict[str, dict[str, dict]]) -> dict:
