@@ -113,3 +113,62 @@ def test_adapter_info_lists_training_one_item_a_line(tiny_model_dir, tmp_path, c
     start = lines.index("training:")
     assert lines[start + 1:start + 7] == ["  train_loss: 1.235", "  steps: 4", "  data: pairs", "  config:",
                                           "    max_length: 64", "    lr: None"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "--keep", "0", "--out", "x"],
+    ["compress", "--method", "foo", "--out", "x"],
+    ["pipeline", "--tasks", "piqq"],
+    ["finetune", "--emulator", "e", "--task", "piqa"],  # --out missing
+    [],
+])
+def test_usage_errors_are_one_line_pointing_at_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("gradot") and "--help')" in err and "usage:" not in err, err
+
+
+def test_help_shows_defaults(capsys):
+    for argv, shown in [(["compress"], ["(default: 0.4)", "(default: uniform)", "(default: 32)"]),
+                        (["pipeline"], ["(default: 1000)", "(default: runs/pipeline)", "(default: piqa)"]),
+                        (["eval"], ["examples per forward pass when scoring"])]:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert exc.value.code == 0
+        assert all(s in out for s in shown), (argv, out)
+        assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_cheap_checks_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("loaded the model before a cheap check")
+
+    monkeypatch.setattr("gradot.modeling.load_model", no_model)
+    full = tmp_path / "full"
+    (full / "sub").mkdir(parents=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["compress", "--out", full], "already exists (pass --overwrite"),
+        (["compress", "--out", empty], "is an empty folder (pass --overwrite"),  # not written into silently
+        (["compress", "--method", "gradot", "--calib", tmp_path / "nope.txt", "--out", tmp_path / "e"],
+         "calibration file not found"),
+        (["plugin", "--adapter", tmp_path / "nope", "--out", tmp_path / "p"], "nope: not a directory"),
+        (["plugin", "--adapter", tmp_path / "nope", "--out", full], "already exists"),
+        (["eval", "--model", "default", "--adapter", tmp_path / "nope", "--tasks", "piqa"], "nope: not a directory"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+
+
+def test_finetune_data_in_neither_format_names_the_formats(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("gradot.artifacts.load_emulator", lambda *a, **k: pytest.fail("loaded before the data"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "q", "answer": "a"}]')
+    code, _, err = run(capsys, "finetune", "--emulator", tmp_path, "--data", bad, "--out", tmp_path / "a")
+    assert code == 2 and "found 'question', 'answer'" in err and "Alpaca-style" in err and "JSONL with 'text'" in err

@@ -129,3 +129,47 @@ def test_finetune_records_from_a_plain_text_file(tmp_path):
     path.write_text("the cat sat on the mat . " * 10)
     records = _records(Namespace(task=None, data=str(path), data_dir=None, train_limit=None))
     assert records == [path.read_text()]
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_manifests_carry_no_local_paths(tiny_model_dir, calib_file, tmp_path, capsys):
+    import os
+    from pathlib import Path
+
+    emu, adapter = tmp_path / "emu", tmp_path / "adapter"
+    code, _, err = run(capsys, "compress", "--model", tiny_model_dir, "--method", "crash", "--keep", "0.5",
+                       "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16", "--out", emu)
+    assert code == 0, err
+    code, _, err = run(capsys, "finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8",
+                       "--max-steps", "2", "--train-batch-size", "4", "--max-length", "64", "--keep-checkpoints",
+                       "--out", adapter)
+    assert code == 0, err
+    code, _, err = run(capsys, "finetune", "--emulator", emu, "--task", "sciq", "--train-limit", "8",
+                       "--max-steps", "2", "--train-batch-size", "4", "--max-length", "64", "--resume",
+                       "--overwrite", "--out", adapter)  # a resumed run names the checkpoint it resumed from
+    assert code == 0, err
+    private = [str(tmp_path), str(Path.home()), os.path.realpath(tmp_path)]
+    for folder in (emu, adapter):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for text in _strings(manifest):
+            assert not os.path.isabs(text) and not any(p in text for p in private), (folder.name, text)
+        for path in folder.iterdir():  # config, tokenizer and tensor files too
+            assert not any(p.encode() in path.read_bytes() for p in private), path
+    emulator = json.loads((emu / "manifest.json").read_text())
+    assert emulator["base"]["name_or_path"] == tiny_model_dir.name
+    calib = emulator["calibration"]
+    assert calib["name"] == calib_file.name and calib["bytes"] == calib_file.stat().st_size
+    assert len(calib["sha256"]) == 64
+    training = json.loads((adapter / "manifest.json").read_text())["training"]
+    assert training["resumed_from"] == "checkpoint-2" and "output_dir" not in training["config"]

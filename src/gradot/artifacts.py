@@ -79,10 +79,12 @@ def _why(exc: BaseException, limit: int = 300) -> str:
 
 
 def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
-    """An output directory that exists with content is replaced only with ``overwrite``."""
+    """An output directory that exists (even empty: a mistyped path is not written into silently) is
+    replaced only with ``overwrite``."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ArtifactError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and not overwrite:
+        what = "is an empty folder" if out.is_dir() and not any(out.iterdir()) else "already exists"
+        raise ArtifactError(f"{out}: {what} (pass --overwrite to replace it)")
 
 
 # Temporaries next to ``out``: ``.<name>.tmp-*`` (being written), ``.<name>.old-*`` (the replaced copy

@@ -64,7 +64,15 @@ class CalibrationSpec:
     batch_size: int = 8
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "num_sequences": self.num_sequences, "seq_len": self.seq_len}
+        """What the emulator's manifest records: the file's name, size and hash, never its path
+        (the model owner's folders are none of the data owner's business)."""
+        import hashlib
+
+        path = Path(self.path)
+        described = {"name": path.name}
+        if path.is_file():
+            described.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        return {**described, "num_sequences": self.num_sequences, "seq_len": self.seq_len}
 
 
 def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:

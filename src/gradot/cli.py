@@ -16,6 +16,28 @@ class UsageError(ValueError):
     """Bad command-line input (reported as one line, exit code 2)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default (unless it is None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "%(default)" not in text and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the cause and where help is, not argparse's usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _keep(value: str) -> float:
     try:
         keep = float(value)
@@ -133,7 +155,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradot", description=__doc__)
+    parser = Parser(prog="gradot", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gradot {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,12 +253,15 @@ def _add_extra_commands(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .artifacts import claim_output, save_emulator
-    from .methods import compress
+    from .artifacts import claim_output, refuse_existing, save_emulator
+    from .methods import check_calibration, compress
     from .modeling import load_model
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     placement = resolve_placement(args)
+    # Cheap checks first: none of these should wait for the model to load.
+    refuse_existing(args.out, args.overwrite)
+    check_calibration(args)
     if placement:
         device = f"device map {args.device_map}"
     with claim_output(args.out, args.overwrite):  # one writer per --out, refused before compressing
@@ -256,9 +281,11 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plugin(args) -> int:
-    from .artifacts import atomic_directory, claim_output, plug_in
+    from .artifacts import atomic_directory, claim_output, plug_in, read_manifest, refuse_existing
     from .modeling import load_model
 
+    refuse_existing(args.out, args.overwrite)  # cheap checks before the model loads
+    read_manifest(args.adapter, "adapter")
     k = owner_split(args)
     with claim_output(args.out, args.overwrite):
         model, tok = load_model(args.model)

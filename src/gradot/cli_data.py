@@ -67,7 +67,8 @@ def add_commands(sub) -> None:
     src.add_argument("--task", type=_train_task, help="one of the eight offsite-tuning tasks (train split)")
     src.add_argument("--data", help="your own data: .txt, JSONL with 'text', or Alpaca-style instruction JSON")
     p.add_argument("--data-dir", default=None, help="folder with the task files (default: the shared data)")
-    p.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
+    p.add_argument("--train-limit", type=_positive_int, default=None,
+                   help="use only the first N training rows (default: all; PIQA has 16,113: about 2,000 steps)")
     p.add_argument("--out", required=True, help="adapter output directory (returned to the model owner)")
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -86,7 +87,8 @@ def add_commands(sub) -> None:
     p.add_argument("--tasks", type=_tasks, required=True, help="comma-separated tasks (and 'wikitext' for perplexity)")
     p.add_argument("--limit", type=_positive_int, default=None, help="examples per task (default: the whole validation set)")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=8)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8,
+                   help="examples per forward pass when scoring (memory, not results, depends on it)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_split_arguments(p, emulator=False)
     _add_device(p)
@@ -96,7 +98,7 @@ def add_commands(sub) -> None:
     _add_model(p)
     p.add_argument("--method", default="uniform",
                    help=f"emulator method(s), comma-separated, from: {', '.join(sorted(METHODS))}")
-    p.add_argument("--tasks", type=_train_tasks, default=["piqa"], help="comma-separated tasks (with training data)")
+    p.add_argument("--tasks", type=_train_tasks, default="piqa", help="comma-separated tasks (with training data)")
     p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP, help="fraction of middle-block parameters to keep")
     p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
@@ -106,7 +108,8 @@ def add_commands(sub) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="validation examples per task (default: all)")
     p.add_argument("--train-limit", type=_positive_int, default=1000, help="training rows per task")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=8)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8,
+                   help="examples per forward pass when scoring (memory, not results, depends on it)")
     p.add_argument("--out", default="runs/pipeline", help="output folder (cells are cached here; rerun to resume)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table, JSON and plot from the cells already computed (missing ones show '–'); "
@@ -184,6 +187,10 @@ def cmd_eval(args) -> int:
     from .modeling import load_model
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.adapter:  # a wrong --adapter fails before the model loads
+        from .artifacts import read_manifest
+
+        read_manifest(args.adapter, "adapter")
     if args.emulator:
         if args.adapter_layers:
             raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")

@@ -169,7 +169,13 @@ def load_corpus(path: str | os.PathLike, text_field: str = "text", limit: int | 
     path = Path(path)
     if path.suffix not in _JSON_SUFFIXES:
         return load_text(path)
-    _, first = _first_record(path)
+    line, first = _first_record(path)
     if isinstance(first, dict) and "instruction" in first:
         return load_alpaca(path, limit)
+    if isinstance(first, dict) and text_field not in first:  # neither format: say which ones are read
+        fields = ", ".join(repr(k) for k in list(first)[:6]) or "none"
+        raise TaskDataError(path, line, None,
+                            f"rows have neither {text_field!r} (JSONL text) nor 'instruction' (+ 'input', "
+                            f"'output': Alpaca-style) fields; found {fields}. Accepted: plain text, JSONL with "
+                            f"{text_field!r}, or Alpaca-style instruction JSON/JSONL")
     return load_jsonl_texts(path, text_field, limit)

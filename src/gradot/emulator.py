@@ -55,6 +55,12 @@ class Emulator:
         return [p for i in self.adapter_positions for p in layers[i].parameters()]
 
 
+
+def public_name(name_or_path: str) -> str:
+    """``/home/me/models/llama-7b`` -> ``llama-7b``: a model's name without the folders above it."""
+    name = str(name_or_path or "").rstrip("/\\")
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
+
 def _copy_without_layers(model: nn.Module) -> nn.Module:
     """Deep copy of everything but the decoder layers (embeddings, norm, head, config)."""
     arch = arch_of(model)
@@ -121,7 +127,8 @@ def assemble(
         "model_type": model.config.model_type,
         "base": {
             "num_layers": split.num_layers,
-            "name_or_path": getattr(model.config, "_name_or_path", ""),
+            # The model's name (folder or file name), not the model owner's local path to it.
+            "name_or_path": public_name(getattr(model.config, "_name_or_path", "")),
             "fingerprint": fingerprint(model, split),
         },
         "adapter": {"k": split.k, "bottom": split.bottom, "top": split.top},

@@ -21,6 +21,18 @@ def _calibration(tok, args) -> tuple[list, CalibrationSpec]:
     return calibration_batches(tok, spec), spec
 
 
+#: Methods that read calibration text.
+CALIBRATED = ("crash", "gradot", "wanda")
+
+
+def check_calibration(args) -> None:
+    """Fail on a missing or unreadable calibration file before any model is loaded."""
+    if args.method in CALIBRATED:
+        from .calib import read_corpus
+
+        read_corpus(args.calib or default_calibration_path())
+
+
 def _uniform(model, tok, args) -> Emulator:
     return uniform_emulator(model, split_model(model, args.adapter_layers), args.keep)
 

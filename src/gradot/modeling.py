@@ -131,6 +131,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
                 raise ModelLoadError("a device map needs a model folder: save the .gguf model with "
                                      "save_pretrained first (or use 'default')")
             model, tok = _load_gguf(path, dtype)
+            model.config._name_or_path = str(path)  # the file, not only its folder, names the model
         elif path.is_dir() and (path / "config.json").exists():
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **(placement or {}))
