@@ -77,7 +77,7 @@ def test_too_few_layers_and_short_calibration(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
-def _cli_process(*argv):
+def _cli_process(*argv, cwd=None):
     import os
     import subprocess
     import sys
@@ -86,7 +86,7 @@ def _cli_process(*argv):
     import gradot
 
     env = dict(os.environ, PYTHONPATH=str(Path(gradot.__file__).resolve().parents[1]))
-    return subprocess.Popen([sys.executable, "-m", "gradot.cli", *map(str, argv)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "gradot.cli", *map(str, argv)], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -172,3 +172,58 @@ def test_finetune_data_in_neither_format_names_the_formats(tmp_path, capsys, mon
     bad.write_text('[{"question": "q", "answer": "a"}]')
     code, _, err = run(capsys, "finetune", "--emulator", tmp_path, "--data", bad, "--out", tmp_path / "a")
     assert code == 2 and "found 'question', 'answer'" in err and "Alpaca-style" in err and "JSONL with 'text'" in err
+
+
+def test_eval_is_quiet_by_default_and_verbose_under_v(tiny_model_dir, tmp_path):
+    # Run where a user would: outside any git checkout (lm-eval runs `git describe` there).
+    import subprocess
+
+    if subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip("the temporary folder is inside a git checkout")
+    argv = ["eval", "--model", tiny_model_dir, "--tasks", "piqa", "--limit", "2"]
+    quiet = _cli_process(*argv, cwd=tmp_path)
+    out, err = quiet.communicate()
+    assert quiet.returncode == 0, err
+    assert "piqa: acc" in out and f"loading model {tiny_model_dir}: done in" in err
+    assert "fatal:" not in err and "`pretrained` model kwarg" not in err and "already-initialized" not in err, err
+    assert "Generating validation split" not in err and "Loading weights" not in err, err
+    loud = _cli_process("-v", *argv, cwd=tmp_path)
+    out, err = loud.communicate()
+    assert loud.returncode == 0, err
+    assert "`pretrained` model kwarg" in err and "fatal:" not in err, err
+
+
+def test_stage_lines_on_a_terminal_and_in_a_log():
+    import io
+
+    from gradot.progress import StageCounter, stage
+
+    log = io.StringIO()
+    with stage("writing x", stream=log):
+        pass
+    assert log.getvalue() == "writing x: done in 0 s\n"
+    log = io.StringIO()
+    with pytest.raises(ValueError), stage("loading y", stream=log):
+        raise ValueError("bad")
+    assert log.getvalue() == ""  # the error is the one line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    with stage("scoring", stream=term):
+        import time
+        time.sleep(0.6)  # the spinner redraws every 0.25 s
+    text = term.getvalue()
+    assert text.startswith("scoring ...") and "\rscoring | " in text and text.endswith("\n")
+    assert text.rsplit("\r", 1)[1].startswith("scoring: done in")
+
+    lines = []
+    counter = StageCounter(3, write=lines.append)
+    counter.start("a")
+    counter.start("b", cached=True)
+    counter.start("c")
+    counter.done()
+    assert lines[0] == "[1/3] a" and lines[1] == "[2/3] b (cached)"
+    assert lines[2].startswith("[3/3] c (") and "so far, about" in lines[2] and lines[2].endswith("left)")

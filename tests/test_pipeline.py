@@ -20,6 +20,12 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
             "--full-ft", "--calib", calib_file, "--calib-sequences", "4", "--calib-len", "16", "--out", out]
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
+    # One numbered line per stage: 2 tasks x (Full ZS, Full FT, Adapter FT) + 2 methods x (compress + 3 cells
+    # x 2 tasks).
+    stages = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(stages) == 20 and stages[0] == "[1/20] Full ZS on piqa", stages
+    assert "[3/20] Adapter FT on piqa (" in err and "[9/20] uniform: Emu FT on piqa (" in err and "left)" in err
+    assert "training adapter on piqa" in err and "training full on piqa" in err  # labelled bars
     table = (out / "results.md").read_text()
     for row in ("Full ZS", "Full FT", "Adapter FT", "uniform: Emu ZS", "uniform: Emu FT", "uniform: Plug-in", "uniform: Δ",
                 "crash: Plug-in"):
@@ -49,6 +55,8 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     code, _, err = run(capsys, *argv)
     assert code == 0, err
+    assert "[1/20] Full ZS on piqa (cached)" in err and "[20/20] crash: Plug-in on arc_easy (cached)" in err
+    assert "uniform: Plug-in on arc_easy (cached)" not in err
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     assert "uniform-plugin-arc_easy.json" in after
     assert all(after[name] == t for name, t in before.items())

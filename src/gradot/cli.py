@@ -157,7 +157,9 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gradot", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gradot {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details, and third-party warnings and progress bars that are hidden "
+                             "by default (give it before the command: gradot -v compress ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .methods import DEFAULT_KEEP
@@ -256,6 +258,7 @@ def cmd_compress(args) -> int:
     from .artifacts import claim_output, refuse_existing, save_emulator
     from .methods import check_calibration, compress
     from .modeling import load_model
+    from .progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     placement = resolve_placement(args)
@@ -266,13 +269,15 @@ def cmd_compress(args) -> int:
         device = f"device map {args.device_map}"
     with claim_output(args.out, args.overwrite):  # one writer per --out, refused before compressing
         t0 = time.perf_counter()
-        model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
+        with stage(f"loading model {args.model}"):
+            model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
         emulator = compress(model, tok, args)
         t_compress = time.perf_counter() - t0
         emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
-        save_emulator(emulator, args.out, overwrite=args.overwrite, tokenizer=tok)
+        with stage(f"writing {args.out}"):
+            save_emulator(emulator, args.out, overwrite=args.overwrite, tokenizer=tok)
     size = emulator.manifest["size"]
     print(f"emulator written to {args.out}: method {args.method}, kept {size['keep_achieved']:.3f} of the middle block "
           f"({size['middle_params_kept']:,} of {size['middle_params_original']:,} parameters); "
@@ -283,14 +288,16 @@ def cmd_compress(args) -> int:
 def cmd_plugin(args) -> int:
     from .artifacts import atomic_directory, claim_output, plug_in, read_manifest, refuse_existing
     from .modeling import load_model
+    from .progress import stage
 
     refuse_existing(args.out, args.overwrite)  # cheap checks before the model loads
     read_manifest(args.adapter, "adapter")
     k = owner_split(args)
     with claim_output(args.out, args.overwrite):
-        model, tok = load_model(args.model)
+        with stage(f"loading model {args.model}"):
+            model, tok = load_model(args.model)
         plug_in(model, args.adapter, k=k, max_change=args.max_change)
-        with atomic_directory(args.out, args.overwrite) as tmp:
+        with stage(f"writing {args.out}"), atomic_directory(args.out, args.overwrite) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     print(f"plug-in model written to {args.out}")
@@ -322,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .progress import quiet_third_party
+
+    quiet_third_party(args.verbose)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     expected = (ArtifactError, CalibrationError, ModelLoadError, UnsupportedModelError, SplitError, UsageError,
                 FileNotFoundError)

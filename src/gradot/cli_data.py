@@ -151,6 +151,7 @@ def cmd_finetune(args) -> int:
 def _finetune(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
     from .finetune import FinetuneConfig, finetune_adapter, remove_checkpoints
+    from .progress import stage
 
     checkpoints = args.checkpoints or f"{args.out}.checkpoints"
     from accelerate import PartialState
@@ -159,8 +160,9 @@ def _finetune(args) -> int:
     if args.overwrite and not args.resume and main_process:  # starting over: earlier checkpoints would be refused
         remove_checkpoints(checkpoints)
     records = _records(args)  # bad data fails before the emulator loads
-    emulator = load_emulator(args.emulator)
-    tok = load_emulator_tokenizer(args.emulator)
+    with stage(f"loading emulator {args.emulator}"):
+        emulator = load_emulator(args.emulator)
+        tok = load_emulator_tokenizer(args.emulator)
     cfg = FinetuneConfig(output_dir=checkpoints, task=args.task,
                          learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.train_batch_size, lora_r=args.lora_r, seed=args.seed, resume=args.resume,
@@ -185,24 +187,27 @@ def cmd_eval(args) -> int:
     from .cli import UsageError, owner_split, resolve_device, resolve_dtype
     from .lmeval_tasks import evaluate
     from .modeling import load_model
+    from .progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.adapter:  # a wrong --adapter fails before the model loads
         from .artifacts import read_manifest
 
         read_manifest(args.adapter, "adapter")
-    if args.emulator:
-        if args.adapter_layers:
-            raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
-        emulator = load_emulator(args.emulator, device=device)
-        tok = load_emulator_tokenizer(args.emulator)
-        if args.adapter:
-            plug_into_emulator(emulator, args.adapter, max_change=args.max_change)
-        model = emulator.model.to(dtype)
-    else:
-        model, tok = load_model(args.model, dtype=dtype, device=device)
-        if args.adapter:
-            plug_in(model, args.adapter, k=owner_split(args), max_change=args.max_change)
+    if args.emulator and args.adapter_layers:
+        raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
+    with stage(f"loading {'emulator ' + args.emulator if args.emulator else 'model ' + args.model}"
+               + (f" with adapter {args.adapter}" if args.adapter else "")):
+        if args.emulator:
+            emulator = load_emulator(args.emulator, device=device)
+            tok = load_emulator_tokenizer(args.emulator)
+            if args.adapter:
+                plug_into_emulator(emulator, args.adapter, max_change=args.max_change)
+            model = emulator.model.to(dtype)
+        else:
+            model, tok = load_model(args.model, dtype=dtype, device=device)
+            if args.adapter:
+                plug_in(model, args.adapter, k=owner_split(args), max_change=args.max_change)
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.eval_batch_size)
     for task, metrics in results.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -237,8 +242,12 @@ def cmd_pipeline(args) -> int:
     )
     # Settings that the output folder's cells were not computed with fail here, before the model loads.
     claim_output_folder(Path(cfg.out), cell_settings(cfg), record=not cfg.report_only)
-    model, tok = (None, None) if args.report_only else load_model(args.model, dtype=resolve_dtype(args.dtype),
-                                                                    device=cfg.device)
+    model, tok = None, None
+    if not args.report_only:
+        from .progress import stage
+
+        with stage(f"loading model {args.model}"):
+            model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device)
     info = Pipeline(cfg, model, tok).run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.md, results.json, results.png")

@@ -455,6 +455,31 @@ def run_loss(log_history: Sequence[dict]) -> float | None:
     return total / steps if steps else None
 
 
+def _labelled_progress(label: str):
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import ProgressCallback
+
+    from .progress import verbose
+
+    class LabelledProgress(ProgressCallback):
+        """The Trainer's bar, named (``training adapter on piqa``), the latest loss beside it; the
+        log dictionaries it prints every ``logging_steps`` only under ``gradot -v``."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.close()
+                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=label)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if verbose():
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+
+    return LabelledProgress
+
+
 class _AlreadyFinished(Exception):
     """Raised at the start of a resumed run whose checkpoint already holds every step."""
 
@@ -678,6 +703,10 @@ def _run(model: nn.Module, tokenizer, records, cfg: FinetuneConfig, learning_rat
         callbacks=[meter, _log_before_save(), *(callbacks or [])],
         head_at_labels=HeadAtLabels(output_head(model)) if cfg.head_at_labels else None,
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:  # present unless the Trainer's tqdm is off
+        trainer.add_callback(_labelled_progress(f"training {mode}" + (f" on {cfg.task}" if cfg.task else "")))
     checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log.info("resume: no complete checkpoint in %s, starting from scratch", cfg.output_dir)

@@ -229,6 +229,18 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _quiet_git_hash():
+    """lm-eval records ``git describe`` of the working directory in its results (which gradot does
+    not keep); outside a git checkout git's ``fatal: not a git repository`` went to the terminal."""
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,
+                                       text=True).strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _flatten(task_results: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` → ``{"acc": x, "acc_stderr": s}``."""
     out = {}
@@ -273,6 +285,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     _offline()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -282,6 +295,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     lm_class = FastHFLM if scorer == "fast" else HFLM
 
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash  # no stray "fatal:" line (see above)
     if device is not None:
         model = model.to(device)
     # Perplexity scores rolling windows as long as the context (8192 tokens for the default model):

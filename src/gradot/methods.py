@@ -88,8 +88,12 @@ def _gradot_like(selection: str):
             cfg = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
             scores = rescore(base, cfg)
             settings["auto_lambda"] = {"threshold": args.auto_lambda, "chosen": lam, "curve": curve}
-        emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings,
-                                   scores=scores)
+        from .progress import stage
+
+        # Scoring every component and channel, then building the layers: minutes on a CPU, no bar.
+        with stage(f"{_NAMES[selection]}: scoring and building the emulator"):
+            emulator = gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings,
+                                       scores=scores)
         if "calibration" in settings:
             emulator.manifest["calibration"] = settings["calibration"]
         return emulator

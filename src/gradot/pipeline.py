@@ -136,12 +136,14 @@ class Pipeline:
         self.split = split
 
     # -- caching ------------------------------------------------------------------------------
-    def _cell(self, key: str, compute):
+    def _cell(self, key: str, compute, label: str | None = None):
         path = self.out / "cells" / f"{key}.json"
         if path.exists():
+            self._stage(label or key, cached=True)
             return json.loads(path.read_text())
         if self.cfg.report_only:
             return None
+        self._stage(label or key)
         t0 = time.perf_counter()
         value = compute()
         value["seconds"] = round(time.perf_counter() - t0, 1)
@@ -174,9 +176,26 @@ class Pipeline:
     def _records(self, task: str):
         return task_records(load_task(task, "train", data_dir=self.cfg.data_dir, limit=self.cfg.train_limit))
 
+    # -- progress -----------------------------------------------------------------------------
+    def _stage(self, label: str, cached: bool = False) -> None:
+        """``[3/12] gradot: Emu FT on piqa (…, about 9 min left)`` on stderr, one line per stage."""
+        if self.cfg.report_only:
+            return
+        if getattr(self, "_counter", None) is None:
+            from .progress import StageCounter
+
+            c = self.cfg
+            per_task = 1 + int(c.full_ft) + int(c.adapter_ft)  # Full ZS (+ Full FT, Adapter FT)
+            per_method = 1 + 3 * len(c.tasks)  # compress, then Emu ZS, Emu FT, Plug-in per task
+            self._counter = StageCounter(per_task * len(c.tasks) + per_method * len(c.methods))
+        self._counter.start(label, cached)
+
     # -- steps --------------------------------------------------------------------------------
     def emulator(self, method: str):
         folder = self.out / "emulators" / f"{method}-keep{self.cfg.keep}"
+        if not self.cfg.report_only:
+            done = (folder / "manifest.json").exists()
+            self._stage(f"{method}: compress the model (keep {self.cfg.keep})", cached=done)
         if not (folder / "manifest.json").exists() and not self.cfg.report_only:
             from argparse import Namespace
 
@@ -190,20 +209,28 @@ class Pipeline:
         c = self.cfg
         cells: dict[str, dict[str, dict]] = {}
         for task in c.tasks:
-            cells.setdefault("Full ZS", {})[task] = self._cell(f"full_zs-{task}", lambda: self._evaluate(self.model, task))
+            cells.setdefault("Full ZS", {})[task] = self._cell(f"full_zs-{task}", lambda: self._evaluate(self.model, task),
+                                                               f"Full ZS on {task}")
             if c.full_ft:
-                cells.setdefault("Full FT", {})[task] = self._cell(f"full_ft-{task}", lambda: self._full_ft(task))
+                cells.setdefault("Full FT", {})[task] = self._cell(f"full_ft-{task}", lambda: self._full_ft(task),
+                                                                   f"Full FT on {task}")
             if c.adapter_ft:
-                cells.setdefault("Adapter FT", {})[task] = self._cell(f"adapter_ft-{task}", lambda: self._adapter_ft(task))
+                cells.setdefault("Adapter FT", {})[task] = self._cell(f"adapter_ft-{task}", lambda: self._adapter_ft(task),
+                                                                      f"Adapter FT on {task}")
         for method in c.methods:
             emu_dir = self.emulator(method)
             for task in c.tasks:
                 row = lambda name: cells.setdefault(f"{method}: {name}", {})  # noqa: E731
                 row("Emu ZS")[task] = self._cell(f"{method}-emu_zs-{task}",
-                                                 lambda: self._evaluate(load_emulator(emu_dir, device=c.device).model, task))
+                                                 lambda: self._evaluate(load_emulator(emu_dir, device=c.device).model, task),
+                                                 f"{method}: Emu ZS on {task}")
                 adapter_dir = self.out / "adapters" / f"{method}-keep{c.keep}-{task}"
-                row("Emu FT")[task] = self._cell(f"{method}-emu_ft-{task}", lambda: self._emu_ft(emu_dir, adapter_dir, task))
-                row("Plug-in")[task] = self._cell(f"{method}-plugin-{task}", lambda: self._plugin(adapter_dir, task))
+                row("Emu FT")[task] = self._cell(f"{method}-emu_ft-{task}", lambda: self._emu_ft(emu_dir, adapter_dir, task),
+                                                 f"{method}: Emu FT on {task}")
+                row("Plug-in")[task] = self._cell(f"{method}-plugin-{task}", lambda: self._plugin(adapter_dir, task),
+                                                  f"{method}: Plug-in on {task}")
+        if getattr(self, "_counter", None) is not None:
+            self._counter.done()
         cells = {row: {t: v for t, v in per_task.items() if v is not None} for row, per_task in cells.items()}
         return self.report(cells)
 
@@ -238,6 +265,7 @@ class Pipeline:
         result = self._evaluate(original.model, task)
         result["training"] = {k: v for k, v in stats.items() if k != "loss_history"}
         del original
+        self._drop_checkpoints(cfg)  # the cell is about to be written: nothing left to resume
         return result
 
     def _full_ft(self, task: str) -> dict:
