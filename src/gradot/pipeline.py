@@ -373,7 +373,7 @@ def markdown_table(info: dict, tasks: list[str]) -> str:
         lines += ["", "acc_norm (length-normalised log-likelihood), where the harness reports it:", ""]
         lines += _table_lines(info["table_acc_norm"], cols)
     lines += ["", "Cost per cell: seconds per evaluated example; for fine-tuned rows also seconds per training "
-              "step (batch of the settings above) and the final training loss.", ""]
+              "step (batch of the settings above) and the mean training loss over the run.", ""]
     lines += ["| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for row, per_task in info["cells"].items():
         out = []
