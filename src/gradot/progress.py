@@ -2,8 +2,9 @@
 which third-party output is noise.
 
 Everything here writes to stderr (stdout carries results). On a terminal a silent stage shows a
-spinner with the seconds elapsed; elsewhere (a log file, a test) it prints one line when it ends,
-so a log reads as a list of stages. A stage that fails leaves no line: the error is the one line.
+spinner with the seconds elapsed, then ``loading model default: done in 5 s``; elsewhere (a log
+file, a pipe) nothing but an INFO log line (shown by ``gradot -v``). A stage that fails erases its
+spinner: the error is the one line.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _duration(seconds: float) -> str:
 @contextmanager
 def stage(text: str, stream=None) -> Iterator[None]:
     """Show ``text`` while the block runs: a spinner and the seconds elapsed on a terminal, then
-    ``text: done in 12 s``; elsewhere only that last line. On failure the spinner is erased and
-    nothing is printed (the caller reports the error). Use it around blocks that print nothing else."""
+    ``text: done in 12 s``; elsewhere only an INFO log of that line. On failure the spinner is erased
+    (the caller reports the error). Use it around blocks that print nothing else."""
     stream = stream or sys.stderr
     t0 = time.perf_counter()
     tty = hasattr(stream, "isatty") and stream.isatty()
@@ -88,8 +89,8 @@ def stage(text: str, stream=None) -> Iterator[None]:
             width = len(text) + 16
             stream.write(f"\r{end:<{width}}" + ("\n" if ok else "\r"))
             stream.flush()
-        elif ok:
-            print(end, file=stream, flush=True)
+        if ok:
+            logging.getLogger("gradot").info(end)
 
 
 class StageCounter:
