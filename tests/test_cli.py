@@ -131,7 +131,7 @@ def test_usage_errors_are_one_line_pointing_at_help(argv, capsys):
 
 
 def test_help_shows_defaults(capsys):
-    for argv, shown in [(["compress"], ["(default: 0.4)", "(default: uniform)", "(default: 32)"]),
+    for argv, shown in [(["compress"], ["(default: 0.7)", "(default: uniform)", "(default: 32)"]),
                         (["pipeline"], ["(default: 1000)", "(default: runs/pipeline)", "(default: piqa)"]),
                         (["eval"], ["examples per forward pass when scoring"])]:
         with pytest.raises(SystemExit) as exc:
