@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 
@@ -138,6 +139,12 @@ def resolve_placement(args) -> dict:
             key = key.strip()
             max_memory[int(key) if key.isdigit() else key] = size.strip()
     return {"device_map": device_map, "max_memory": max_memory, "offload_dir": args.offload_dir}
+
+
+def check_adapter_folder(path: str) -> None:
+    """``--adapter`` must be a folder: said before a model loads (its contents are checked after)."""
+    if not Path(path).is_dir():
+        raise UsageError(f"--adapter {path}: not a directory")
 
 
 def resolve_dtype(name: str):
@@ -286,12 +293,12 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plugin(args) -> int:
-    from .artifacts import atomic_directory, claim_output, plug_in, read_manifest, refuse_existing
+    from .artifacts import atomic_directory, claim_output, plug_in, refuse_existing
     from .modeling import load_model
     from .progress import stage
 
     refuse_existing(args.out, args.overwrite)  # cheap checks before the model loads
-    read_manifest(args.adapter, "adapter")
+    check_adapter_folder(args.adapter)
     k = owner_split(args)
     with claim_output(args.out, args.overwrite):
         with stage(f"loading model {args.model}"):

@@ -191,9 +191,9 @@ def cmd_eval(args) -> int:
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.adapter:  # a wrong --adapter fails before the model loads
-        from .artifacts import read_manifest
+        from .cli import check_adapter_folder
 
-        read_manifest(args.adapter, "adapter")
+        check_adapter_folder(args.adapter)
     if args.emulator and args.adapter_layers:
         raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
     with stage(f"loading {'emulator ' + args.emulator if args.emulator else 'model ' + args.model}"
