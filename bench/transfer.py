@@ -220,7 +220,7 @@ class Bench:
         if recipe["loss"] == "all":  # every token of prompt + answer labelled
             train = [p + c for p, c in train]
         callbacks = [PullCallback(emu.adapter_parameters(), recipe["pull"])] if recipe["pull"] else None
-        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+        with tempfile.TemporaryDirectory(prefix="gradot-transfer-") as tmp:  # checkpoints: never results
             cfg = FinetuneConfig(output_dir=tmp, task=task, learning_rate=recipe["lr"], max_steps=recipe["steps"],
                                  batch_size=self.args.batch_size, seed=self.args.seed, lora_r=recipe["lora"],
                                  save_steps=10**6, logging_steps=max(1, recipe["steps"] // 4))
