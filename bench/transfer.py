@@ -336,7 +336,7 @@ def summarize(cells, emulators, tasks) -> list[dict]:
 
 
 def describe(spec: dict, defaults: dict) -> str:
-    text = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method" and defaults.get(k) != v)
+    text = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method" and (k == "keep" or defaults.get(k) != v))
     return f"{spec['method']} {text}".strip() if "method" in spec else (text or "default")
 
 
