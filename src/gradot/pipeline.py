@@ -368,7 +368,10 @@ def markdown_table(info: dict, tasks: list[str]) -> str:
         lines += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for method, row in info["transfer"].items():
             lines.append(f"| {method} | " + " | ".join(
-                f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "–" for c in cols) + " |")
+                f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row and not math.isnan(row[c][0])
+                else ("no gain" if c in row else "–") for c in cols) + " |")
+        if any(math.isnan(v[0]) for row in info["transfer"].values() for v in row.values()):
+            lines += ["", "no gain: Adapter FT scored the same as Full ZS there; there is nothing to transfer."]
     if info.get("table_acc_norm"):
         lines += ["", "acc_norm (length-normalised log-likelihood), where the harness reports it:", ""]
         lines += _table_lines(info["table_acc_norm"], cols)
