@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ import torch
 from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
 from gradot.modeling import load_model
 from gradot.tasks import TASK_NAMES
+from provenance import git_commit  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -68,15 +68,6 @@ class Meter:
         self.requests, self.wall, self.cpu = 0, 0.0, 0.0
 
 
-def git_commit():
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=here).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
-                                        cwd=here).strip()
-        return commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine() -> str:

@@ -39,6 +39,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from provenance import git_commit  # bench/ is on sys.path when a script runs
 
 SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
 LOSSES = ("stock", "head-at-labels")
@@ -251,15 +252,6 @@ def worker(args) -> dict:
 # driver
 
 
-def git_commit():
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=here).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
-                                        cwd=here).strip()
-        return commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine(threads) -> str:

@@ -26,7 +26,6 @@ import json
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from gradot.artifacts import load_emulator, save_emulator
 from gradot.baselines import uniform_emulator
@@ -46,6 +46,7 @@ from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stde
 from gradot.split import adapter_state_dict, split_model
 from gradot.tasks import load_task, resolve_data_dir
 from gradot.transfer import answer_losses, loss_transfer
+from provenance import git_commit  # bench/ is on sys.path when a script runs
 
 EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
                  "refit": str, "ridge": float, "k": int}
@@ -80,12 +81,6 @@ def slug(spec: dict) -> str:
     return "-".join(parts + [digest])
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv=None):
@@ -285,25 +280,19 @@ class Bench:
         return self.cell(f"cell-{task}-{slug(spec)}-{slug(recipe)}", compute)
 
 
-class PullCallback:
+class PullCallback(TrainerCallback):
     """L2 pull of the adapter toward its starting weights (L2-SP), added to the gradient before each
     optimizer step: the data owner keeps the adapter near what the full model expects."""
 
-    def __new__(cls, params, strength):
-        from transformers import TrainerCallback
+    def __init__(self, params, strength: float):
+        self.params, self.strength = list(params), strength
+        self.start = [p.detach().clone() for p in self.params]
 
-        class _Pull(TrainerCallback):
-            def __init__(self):
-                self.params = list(params)
-                self.start = [p.detach().clone() for p in self.params]
-
-            def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                with torch.no_grad():
-                    for p, p0 in zip(self.params, self.start):
-                        if p.grad is not None:
-                            p.grad.add_(p - p0, alpha=strength)
-
-        return _Pull()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.start):
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=self.strength)
 
 
 def mean(xs):
