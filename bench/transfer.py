@@ -10,7 +10,8 @@ adapter-gradient cosine at the start (the older proxy); per emulator: achieved k
 token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
-ridge, k); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss). Every finished cell is
+ridge, k); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
+``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
 ``--report-only`` rebuilds ``OUT/transfer.md`` / ``transfer.json`` from the cells there are.
 
@@ -40,6 +41,7 @@ from gradot.artifacts import load_emulator, save_emulator
 from gradot.baselines import uniform_emulator
 from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
 from gradot.compensate import compensate
+from gradot.emulator import Emulator
 from gradot.finetune import FinetuneConfig, finetune_adapter, task_records
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
@@ -52,7 +54,7 @@ EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int
                  "refit": str, "ridge": float, "k": int}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
-RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str}
+RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
 RECIPE_DEFAULTS = {"lr": 1e-4, "steps": 40, "lora": 0, "pull": 0.0, "loss": "answer"}
 
 
@@ -69,6 +71,10 @@ def parse_spec(text: str, keys: dict, defaults: dict, with_method: bool) -> dict
         spec[key] = keys[key](value)
     if not with_method and spec["loss"] not in ("answer", "all"):
         raise SystemExit(f"loss must be 'answer' or 'all' in {text!r}")
+    if not with_method and spec.get("train", "both") not in ("both", "top", "bottom"):
+        raise SystemExit(f"train must be 'both', 'top' or 'bottom' in {text!r}")
+    if spec.get("train") == "both":  # the default is left out so that older cells keep their names
+        del spec["train"]
     return spec
 
 
@@ -214,12 +220,19 @@ class Bench:
         train, _ = self.data(task, recipe)
         if recipe["loss"] == "all":  # every token of prompt + answer labelled
             train = [p + c for p, c in train]
-        callbacks = [PullCallback(emu.adapter_parameters(), recipe["pull"])] if recipe["pull"] else None
+        trained = emu
+        if recipe.get("train"):  # one half of the adapter only: the other half is marked middle (frozen)
+            half = len(emu.adapter_positions) // 2
+            frozen = emu.adapter_positions[half:] if recipe["train"] == "bottom" else emu.adapter_positions[:half]
+            slots = [dict(s, role="middle") if i in frozen else s for i, s in enumerate(emu.manifest["slots"])]
+            trained = Emulator(emu.model, {**emu.manifest, "slots": slots})
+        callbacks = [PullCallback(trained.adapter_parameters(), recipe["pull"])] if recipe["pull"] else None
         with tempfile.TemporaryDirectory(prefix="gradot-transfer-") as tmp:  # checkpoints: never results
             cfg = FinetuneConfig(output_dir=tmp, task=task, learning_rate=recipe["lr"], max_steps=recipe["steps"],
                                  batch_size=self.args.batch_size, seed=self.args.seed, lora_r=recipe["lora"],
                                  save_steps=10**6, logging_steps=max(1, recipe["steps"] // 4))
-            emu, stats = finetune_adapter(emu, self.tok, train, cfg, callbacks=callbacks)
+            trained, stats = finetune_adapter(trained, self.tok, train, cfg, callbacks=callbacks)
+        emu.model = trained.model
         return {k: v for k, v in stats.items() if k in ("train_loss", "seconds_per_step", "steps")}
 
     def plugged_losses(self, emu, held) -> list[float]:
