@@ -10,7 +10,7 @@ adapter-gradient cosine at the start (the older proxy); per emulator: achieved k
 token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
-ridge, k); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
+ridge, k, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
 ``--report-only`` rebuilds ``OUT/transfer.md`` / ``transfer.json`` from the cells there are.
@@ -51,7 +51,7 @@ from gradot.transfer import answer_losses, loss_transfer
 from provenance import git_commit  # bench/ is on sys.path when a script runs
 
 EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
-                 "refit": str, "ridge": float, "k": int}
+                 "refit": str, "ridge": float, "k": int, "calib_data": str}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
@@ -160,8 +160,26 @@ class Bench:
 
     # -- emulators ----------------------------------------------------------------------------
     def calibration(self, spec: dict):
+        if spec.get("calib_data"):
+            return self.qa_calibration(spec), None
         cs = CalibrationSpec(str(default_calibration_path()), spec["calib"], spec["calib_len"], 8)
         return calibration_batches(self.tok, cs), cs
+
+    def qa_calibration(self, spec: dict) -> list[dict]:
+        """Calibration like the data owner's training: (question, answer) rows of *other* public tasks'
+        train splits (``calib_data=sciq+piqa``), loss on answer tokens only, ``calib`` x ``calib_len``
+        tokens in all, 8 rows per batch."""
+        rows = [(r.prompt, r.continuation()) for t in spec["calib_data"].split("+") for r in load_task(t, "train")]
+        random.Random(self.args.seed).shuffle(rows)
+        budget, picked, total = spec["calib"] * spec["calib_len"], [], 0
+        for prompt, answer in rows:
+            if total >= budget:
+                break
+            picked.append((prompt, answer))
+            total += len(self.tok(prompt + answer).input_ids)
+        if total < budget:
+            raise SystemExit(f"calib_data={spec['calib_data']}: {total} tokens, {budget} wanted")
+        return [encode_pairs(self.tok, picked[i:i + 8]) for i in range(0, len(picked), 8)]
 
     def build_emulator(self, spec: dict):
         split = split_model(self.model, spec["k"])
@@ -179,7 +197,8 @@ class Bench:
                                selection=selection)
             factors = None
             if selection != "svd":
-                key = (spec["calib"], spec["calib_len"], spec["k"], selection == "wanda", needs_gradients(cfg))
+                key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec["k"], selection == "wanda",
+                       needs_gradients(cfg))
                 if key not in self._factors:
                     batches, _ = self.calibration(spec)
                     self._factors = {key: collect_kfac(
