@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -32,15 +31,14 @@ from pathlib import Path
 import torch
 
 from gradot.artifacts import load_emulator, plug_in, save_adapter, save_emulator
-from gradot.baselines import uniform_emulator
-from gradot.calib import CalibrationSpec, calibration_batches
+from gradot.stats.calib import CalibrationSpec, calibration_batches
 from gradot.finetune import FinetuneConfig, encode_pair, finetune_adapter, task_records
-from gradot.gradot_method import GradOTConfig, gradot_emulator
 from gradot.lmeval_tasks import evaluate
 from gradot.modeling import load_model
 from gradot.proxy import perplexity
 from gradot.split import split_model
 from gradot.tasks import load_task, resolve_data_dir
+from common import build_emulator, git_commit  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -63,20 +61,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=Path(__file__).resolve().parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def shipped(method: str, model, split, keep: float, folder: Path):
     """The emulator exactly as the data owner receives it (saved and re-loaded)."""
-    if method == "uniform":
-        emu = uniform_emulator(model, split, keep)
-    else:
-        emu = gradot_emulator(model, split, GradOTConfig(keep=keep, selection="svd"), None, method="svd")
+    emu = build_emulator(method, model, split, keep)  # uniform or svd: no calibration text
     save_emulator(emu, folder / method, overwrite=True)
     return load_emulator(folder / method)
 

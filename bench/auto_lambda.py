@@ -1,5 +1,5 @@
 """λ-sweep benchmark: what ``--auto-lambda`` spends building one emulator per λ, scoring every λ
-afresh (as before) against scoring once and re-weighting per λ (``gradot_method.rescore``).
+afresh (as before) against scoring once and re-weighting per λ (``methods.gradot.rescore``).
 
 Same model, KFAC factors and grid for both, run round robin ``--repeats`` times; the adapter-gradient
 evaluation that auto-λ adds per λ is timed once beside them (it does not depend on the scoring).
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from compress import calibration, git_commit, machine  # bench/compress.py (same folder)
 
-from gradot.auto_lambda import DEFAULT_GRID
-from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears, rescore, score_middle
-from gradot.kfac import collect_kfac
+from gradot.methods.gradot.auto_lambda import DEFAULT_GRID
+from gradot.methods.gradot import GradOTConfig, gradot_emulator, middle_linears, rescore, score_middle
+from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients
 from gradot.split import split_model

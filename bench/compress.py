@@ -8,8 +8,8 @@ milliseconds; CUDA: ``torch.cuda.max_memory_allocated``). GradOT rows also split
 KFAC statistics, scoring and allocation + surgery. With two or more sizes, the exponent ``b`` of
 ``time ∝ parameters^b`` is fitted per method (least squares on logs). ``--flops`` counts the
 floating-point operations of the floor and of the statistics pass on one batch (machine-independent
-ratio). ``--compare-ref REV`` adds GradOT rows run with ``kfac.py`` and ``gradot_method.py`` as they
-were at git revision REV (before/after in the same run, same machine state).
+ratio). ``--compare-ref REV`` adds GradOT rows run with the statistics and scoring code as it
+was at git revision REV (before/after in the same run, same machine state).
 
 Sizes: ``default`` (the embedded SmolLM2-135M), and random-initialised Llama-shaped models built
 from configs (no download): ``135m`` (SmolLM2-135M's shape), ``360m`` (SmolLM2-360M's), ``1b``
@@ -29,22 +29,21 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from gradot.baselines import crash_emulator, uniform_emulator
-from gradot.gradot_method import GradOTConfig, collect_and_score, gradot_emulator, middle_linears
-from gradot.kfac import collect_kfac, forward_backward_floor
+from gradot.methods import get, make_config
+from gradot.methods.gradot import collect_and_score, gradot_emulator, middle_linears
+from gradot.stats.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
 from gradot.split import split_model
+from common import PeakRSS, build_emulator, git_commit, machine  # bench/ is on sys.path
 from shapes import SIZES, random_llama  # bench/shapes.py (the script's folder is on sys.path)
 
 METHODS = "uniform,crash,svd,gradot-uniform,gradot-global"
@@ -68,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpointing in the statistics pass")
     p.add_argument("--flops", action="store_true", help="also count FLOPs of the floor and the statistics (one batch)")
     p.add_argument("--compare-ref", default=None, metavar="REV",
-                   help="also run GradOT with kfac.py and gradot_method.py from this git revision (before/after)")
+                   help="also run GradOT with the statistics and scoring code of this git revision (before/after)")
     p.add_argument("--profile", action="store_true",
                    help="only a time breakdown of one GradOT (uniform) compression of the first size: forward, "
                         "backward, each KFAC product, SVDs, other scoring, allocation, surgery (CPU timers)")
@@ -93,33 +92,6 @@ def _release_memory():
         pass
 
 
-class PeakRSS:
-    """Peak resident set size of this process, sampled in a thread every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self.proc, self.interval = psutil.Process(), interval
-        self.peak = self.start = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
 def measure(fn, device: torch.device) -> tuple[object, dict]:
     """Run ``fn()``; wall and CPU seconds, peak memory above the starting point (MiB)."""
     _release_memory()
@@ -134,8 +106,8 @@ def measure(fn, device: torch.device) -> tuple[object, dict]:
         if cuda:
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    info = {"wall_s": wall, "cpu_s": cpu, "rss_start_mib": rss.start / 2**20,
-            "peak_rss_extra_mib": (rss.peak - rss.start) / 2**20}
+    info = {"wall_s": wall, "cpu_s": cpu, "rss_start_mib": rss.start_rss / 2**20,
+            "peak_rss_extra_mib": (rss.peak - rss.start_rss) / 2**20}
     if cuda:
         info["peak_cuda_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     info["peak_extra_mib"] = info["peak_cuda_extra_mib"] if cuda else info["peak_rss_extra_mib"]
@@ -167,7 +139,7 @@ def build_model(size: str, dtype, device, seed):
 def calibration(tok, vocab: int, args, device) -> list[torch.Tensor]:
     n = args.calib_sequences * args.calib_len
     if tok is not None:
-        from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
+        from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
 
         try:
             return calibration_batches(tok, CalibrationSpec(str(default_calibration_path()), args.calib_sequences,
@@ -180,21 +152,27 @@ def calibration(tok, vocab: int, args, device) -> list[torch.Tensor]:
 
 
 def load_ref_modules(rev: str):
-    """``kfac`` and ``gradot_method`` as they were at git revision ``rev`` (relative imports resolve
-    against the current package)."""
+    """GradOT's statistics and scoring code as it was at git revision ``rev``: that revision's whole
+    package, imported as ``gradot_ref`` (its relative imports resolve inside it), under either
+    layout (``kfac``/``gradot_method`` modules, or ``stats.kfac`` and the ``methods.gradot``
+    package). Returns ``kfac``, ``gm`` (config, scoring, allocation, surgery) and ``emulator``."""
     root = Path(__file__).resolve().parents[1]
-    mods = {}
     tmp = Path(tempfile.mkdtemp(prefix="gradot-ref-"))
-    for name in ("kfac", "gradot_method"):
-        source = subprocess.check_output(["git", "show", f"{rev}:src/gradot/{name}.py"], cwd=root, text=True)
-        path = tmp / f"{name}.py"
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location(f"gradot._ref_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        mods[name] = module
-    return mods
+    archive = subprocess.check_output(["git", "archive", rev, "src/gradot"], cwd=root)
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    package = tmp / "src" / "gradot"
+    spec = importlib.util.spec_from_file_location("gradot_ref", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gradot_ref"] = module
+    spec.loader.exec_module(module)
+    if (package / "gradot_method.py").exists():
+        gm = importlib.import_module("gradot_ref.gradot_method")
+        return {"kfac": importlib.import_module("gradot_ref.kfac"), "gm": gm,
+                "emulator": importlib.import_module("gradot_ref.emulator")}
+    return {"kfac": importlib.import_module("gradot_ref.stats.kfac"),
+            "gm": importlib.import_module("gradot_ref.methods.gradot"),
+            "emulator": importlib.import_module("gradot_ref.emulator")}
 
 
 def run_method(method: str, model, split, batches, args, ref) -> tuple[object, dict]:
@@ -213,17 +191,11 @@ def run_method(method: str, model, split, batches, args, ref) -> tuple[object, d
             layers_per_pass = int(option[3:])
         else:
             raise SystemExit(f"unknown method option /{option} (known: /lppN, /ckpt)")
-    if name == "uniform":
-        return uniform_emulator(model, split, args.keep), {}
-    if name == "crash":
-        return crash_emulator(model, split, args.keep, batches), {}
-    if name == "svd":
-        return gradot_emulator(model, split, GradOTConfig(keep=args.keep, selection="svd"), None, method="svd"), {}
-    if not name.startswith("gradot-"):
-        raise SystemExit(f"unknown method {method}")
+    if not name.startswith("gradot-"):  # any other registered method, as the library builds it
+        return build_emulator(name, model, split, args.keep, batches=batches), {}
     allocation = name[len("gradot-"):]
     if at:  # the reference revision's code path: collect_kfac over every middle linear, then score
-        gm, kfac = ref["gradot_method"], ref["kfac"]
+        gm, kfac = ref["gm"], ref["kfac"]
         cfg = gm.GradOTConfig(keep=args.keep, allocation=allocation)
         t0 = time.perf_counter()
         factors = kfac.collect_kfac(model, gm.middle_linears(model, split), batches, progress=False,
@@ -232,12 +204,12 @@ def run_method(method: str, model, split, batches, args, ref) -> tuple[object, d
         scores = gm.score_middle(model, split, factors, cfg)
         del factors
         t2 = time.perf_counter()
-        target = round(cfg.keep * gm.middle_parameter_count(model, split))
+        target = round(cfg.keep * ref["emulator"].middle_parameter_count(model, split))
         plan = (gm.allocate_uniform(scores, target) if allocation == "uniform"
                 else gm.allocate_global(scores, target, layers=allocation == "global-layers"))
         emu = gm.build_from_plan(model, split, scores, plan, method="gradot", cfg=cfg, settings={})
         return emu, {"statistics_s": t1 - t0, "scores_s": t2 - t1, "build_s": time.perf_counter() - t2}
-    cfg = GradOTConfig(keep=args.keep, allocation=allocation)
+    cfg = make_config(get("gradot").config, args.keep, {"allocation": allocation}).engine()
     timings: dict = {}
     t0 = time.perf_counter()
     scores = collect_and_score(model, split, cfg, batches, layers_per_pass=layers_per_pass,
@@ -251,10 +223,13 @@ def run_method(method: str, model, split, batches, args, ref) -> tuple[object, d
 def profile_gradot(model, split, batches, args) -> list[tuple[str, float]]:
     """Where one GradOT compression spends its time: wall-clock timers around the library's own
     functions (patched for the duration; exact on CPU, where nothing runs asynchronously)."""
-    import gradot.gradot_method as gm
-    import gradot.kfac as kfac
-    import gradot.scores as scores_mod
+    import gradot.methods.gradot.allocate as allocate
+    import gradot.methods.gradot.build as build
+    import gradot.methods.gradot.scores as scores_mod
+    import gradot.methods.gradot.units as units
+    import gradot.stats.kfac as kfac
     from gradot.emulator import middle_parameter_count
+    from gradot.methods.gradot import GradOTConfig
 
     spent: dict[str, float] = {}
 
@@ -274,7 +249,7 @@ def profile_gradot(model, split, batches, args) -> list[tuple[str, float]]:
         (kfac, "_accumulate", timed("grad = g xᵀ", kfac._accumulate)),
         (kfac, "_symmetrize_", timed("mirror A, G", kfac._symmetrize_)),
         (scores_mod.torch.linalg, "svd", timed("SVD (attention weights)", torch.linalg.svd)),
-        (gm, "_removal_cost", timed("whole-layer cost (G W A)", gm._removal_cost)),
+        (units, "_removal_terms", timed("whole-layer cost (G W A)", units._removal_terms)),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     cfg = GradOTConfig(keep=args.keep)
@@ -283,13 +258,13 @@ def profile_gradot(model, split, batches, args) -> list[tuple[str, float]]:
             setattr(obj, name, new)
         t0 = time.perf_counter()
         factors = kfac.collect_kfac(model, middle_linears(model, split), batches, progress=False,
-                                    gradients=gm.needs_gradients(cfg))
+                                    gradients=units.needs_gradients(cfg))
         t1 = time.perf_counter()
-        scores = gm.score_middle(model, split, factors, cfg)
+        scores = units.score_middle(model, split, factors, cfg)
         t2 = time.perf_counter()
-        plan = gm.allocate_uniform(scores, round(cfg.keep * middle_parameter_count(model, split)))
+        plan = allocate.allocate_uniform(scores, round(cfg.keep * middle_parameter_count(model, split)))
         t3 = time.perf_counter()
-        gm.build_from_plan(model, split, scores, plan, method="gradot", cfg=cfg, settings={})
+        build.build_from_plan(model, split, scores, plan, method="gradot", cfg=cfg, settings={})
         t4 = time.perf_counter()
     finally:
         for obj, name, old in saved:
@@ -320,28 +295,6 @@ def fit_exponent(points: list[tuple[float, float]]) -> float | None:
     mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     return sum((x - mx) * (y - my) for x, y in pts) / sxx
-
-
-def git_commit():
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=Path(__file__).resolve().parent).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
-                                        cwd=Path(__file__).resolve().parent).strip()
-        return commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpus = os.cpu_count()
-    try:
-        load = ", load average %.1f" % os.getloadavg()[0]
-    except OSError:
-        load = ""
-    return f"{platform.machine()} CPU, {cpus} cores, {torch.get_num_threads()} torch threads{load}, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ import torch
 from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
 from gradot.modeling import load_model
 from gradot.tasks import TASK_NAMES
-from provenance import git_commit  # bench/ is on sys.path when a script runs
+from common import git_commit, machine  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -68,14 +67,6 @@ class Meter:
         self.requests, self.wall, self.cpu = 0, 0.0, 0.0
 
 
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}, "
-            f"torch {torch.__version__}")
 
 
 def main(argv=None):

@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from provenance import git_commit  # bench/ is on sys.path when a script runs
+from common import PeakRSS, git_commit, machine  # bench/ is on sys.path when a script runs
 
 SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
 LOSSES = ("stock", "head-at-labels")
@@ -77,35 +75,9 @@ def parse_args(argv=None):
 # worker: one setting, in its own process
 
 
-class PeakRSS:
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self.proc, self.interval = psutil.Process(), interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self):
-        self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
 def _records(tok, n_examples: int, seq_len: int) -> list[str]:
     """Texts of WikiText-2 that tokenize to exactly ``seq_len`` tokens each (one full window)."""
-    from gradot.calib import default_calibration_path, read_corpus
+    from gradot.stats.calib import default_calibration_path, read_corpus
 
     text = read_corpus(default_calibration_path())
     ids = tok(text[: n_examples * seq_len * 16], add_special_tokens=False)["input_ids"]
@@ -254,31 +226,15 @@ def worker(args) -> dict:
 
 
 
-def machine(threads) -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    try:
-        load = ", load average %.1f" % os.getloadavg()[0]
-    except OSError:
-        load = ""
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch threads"
-            f"{load}, torch {torch.__version__}")
-
-
 def make_emulator(args, folder: Path) -> dict:
-    from argparse import Namespace
-
     from gradot.artifacts import save_emulator
     from gradot.methods import compress
     from gradot.modeling import load_model
 
     model, tok = load_model(args.model)
-    ns = Namespace(method=args.method, keep=args.keep, adapter_layers=2, calib=None, calib_sequences=8,
-                   calib_len=128, batch_size=4, lambda_attn=0.0, lambda_mlp=0.0, allocation="uniform",
-                   top_frac=0.05, gradient_checkpointing=False, auto_lambda=None, layers_per_pass=None)
-    emu = compress(model, tok, ns)
+    options = dict(adapter_layers=2, calib=None, calib_sequences=8, calib_len=128, batch_size=4,
+                   allocation="uniform")  # the rest: each method's defaults (λ 0, top_frac 0.05)
+    emu = compress(model, tok, args.method, args.keep, options)
     save_emulator(emu, folder, overwrite=True, tokenizer=tok)
     return emu.manifest["size"]
 
@@ -306,7 +262,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    started = machine(args.threads)
+    started = machine(threads=args.threads)
     commit = git_commit()  # at the start: the code that runs, whatever changes meanwhile
     tmp = tempfile.TemporaryDirectory(prefix="gradot-ftbench-emu-")  # the emulator only lives for the run
     model_arg = args.model

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,15 +32,15 @@ from pathlib import Path
 import torch
 
 from gradot.artifacts import load_emulator, save_emulator
-from gradot.baselines import crash_emulator, uniform_emulator
-from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
-from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears
-from gradot.kfac import collect_kfac
+from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
+from gradot.methods.gradot import middle_linears
+from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
 from gradot.privacy import measure
 from gradot.proxy import perplexity
 from gradot.split import split_model
 from gradot.tasks import resolve_data_dir
+from common import build_emulator, git_commit  # bench/ is on sys.path when a script runs
 
 METHODS = ("uniform", "crash", "svd", "gradot", "gradot-global-layers")
 
@@ -63,17 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/privacy")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=Path(__file__).resolve().parent).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
-                                        stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent).strip()
-        return head + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pipeline_rows(path: str | None, methods: list[str], keep: float) -> tuple[dict, str]:
@@ -102,18 +90,12 @@ def pipeline_rows(path: str | None, methods: list[str], keep: float) -> tuple[di
     return rows, note
 
 
-def build(method: str, model, split, keep: float, lam: float, get_factors):
-    if method == "uniform":
-        return uniform_emulator(model, split, keep)
-    if method == "crash":
-        return crash_emulator(model, split, keep, get_factors(calib_only=True))
-    if method == "svd":
-        return gradot_emulator(model, split, GradOTConfig(keep=keep, selection="svd"), None, method="svd")
-    if method in ("gradot", "gradot-global-layers"):
-        allocation = "global" if method == "gradot" else "global-layers"
-        cfg = GradOTConfig(keep=keep, lambda_attn=lam, lambda_mlp=lam, allocation=allocation)
-        return gradot_emulator(model, split, cfg, get_factors(), method=method)
-    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+def build(method: str, model, split, keep: float, lam: float, calib, get_factors):
+    """``method`` through the registry (``gradot`` is its global allocation, ``gradot-global-layers``
+    the whole-layer one); KFAC factors collected once, only if a method needs them."""
+    label = "gradot-global" if method == "gradot" else method
+    return build_emulator(label, model, split, keep, batches=calib, factors=get_factors,
+                          options={"lambda_attn": lam, "lambda_mlp": lam}, method_name=method)
 
 
 def fmt(x, spec=".3f"):
@@ -139,10 +121,8 @@ def main(argv=None):
 
     factors = None
 
-    def get_factors(calib_only=False):
+    def get_factors():
         nonlocal factors
-        if calib_only:
-            return calib
         if factors is None:
             t0 = time.perf_counter()
             factors = collect_kfac(model, middle_linears(model, split), calib, progress=False)
@@ -153,7 +133,7 @@ def main(argv=None):
     results = []
     for method in methods:
         t0 = time.perf_counter()
-        emu = build(method, model, split, args.keep, args.lam, get_factors)
+        emu = build(method, model, split, args.keep, args.lam, calib, get_factors)
         build_s = time.perf_counter() - t0
         # Measure the artifact the data owner actually receives: saved, then re-loaded and validated.
         with tempfile.TemporaryDirectory(prefix="gradot-privacy-") as tmp:

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,14 +24,16 @@ from pathlib import Path
 
 import torch
 
-from gradot.baselines import crash_emulator, uniform_emulator
-from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
-from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears
-from gradot.kfac import collect_kfac, forward_backward_floor
+
+from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
+from gradot.methods import get
+from gradot.methods.gradot import middle_linears
+from gradot.stats.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
 from gradot.split import split_model
 from gradot.tasks import load_task, resolve_data_dir
+from common import build_emulator, git_commit, method_variant  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -67,14 +68,6 @@ def task_batches(tok, tasks, n_batches, batch_size, seed):
         rows = rng.sample(pools[task], batch_size)
         batches.append(encode_pairs(tok, [(r.prompt, r.continuation()) for r in rows], max_length=256))
     return batches
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cell_list(args):
@@ -152,25 +145,13 @@ def compute(args, out, cells):
         else:
             t0 = time.perf_counter()
             extra = 0.0
-            if method == "uniform":
-                emu = uniform_emulator(model, split, keep)
-            elif method == "crash":
-                emu = crash_emulator(model, split, keep, calib)
-            elif method == "svd":
-                emu = gradot_emulator(model, split, GradOTConfig(keep=keep, selection="svd"), None, method="svd")
-            elif method == "wanda":
-                f = get_factors()
-                t0 = time.perf_counter()
-                extra = kfac_seconds  # wanda needs activation statistics (a forward pass would do)
-                emu = gradot_emulator(model, split, GradOTConfig(keep=keep, selection="wanda"), f, method="wanda")
-            elif method.startswith("gradot-"):
-                f = get_factors()
+            name = method_variant(method)[0]
+            if hasattr(get(name).config, "engine") and get(name).needs_calibration:
+                get_factors()  # collected once (timed apart), counted for every GradOT-family cell
                 t0 = time.perf_counter()
                 extra = kfac_seconds
-                cfg = GradOTConfig(keep=keep, lambda_attn=lam, lambda_mlp=lam, allocation=method[len("gradot-"):])
-                emu = gradot_emulator(model, split, cfg, f)
-            else:
-                raise SystemExit(f"unknown method {method}")
+            emu = build_emulator(method, model, split, keep, batches=calib, factors=get_factors,
+                                 options={"lambda_attn": lam, "lambda_mlp": lam})
             seconds = time.perf_counter() - t0 + extra
             grads = adapter_gradients(emu.model, emu.adapter_positions, grad_batches, desc=f"{key} gradients")
             cos = cosines(reference, grads)

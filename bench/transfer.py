@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,8 +37,8 @@ import torch
 from transformers import TrainerCallback
 
 from gradot.artifacts import load_emulator, save_emulator
-from gradot.baselines import uniform_emulator
-from gradot.calib import CalibrationSpec, calibration_batches, default_calibration_path
+from gradot.methods.uniform import uniform_emulator
+from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
 from gradot.compensate import compensate
 from gradot.emulator import Emulator
 from gradot.finetune import FinetuneConfig, finetune_adapter, task_records
@@ -48,7 +47,7 @@ from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stde
 from gradot.split import adapter_state_dict, split_model
 from gradot.tasks import load_task, resolve_data_dir
 from gradot.transfer import answer_losses, loss_transfer
-from provenance import git_commit  # bench/ is on sys.path when a script runs
+from common import git_commit  # bench/ is on sys.path when a script runs
 
 EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
                  "refit": str, "ridge": float, "k": int, "calib_data": str}
@@ -186,15 +185,15 @@ class Bench:
         method = spec["method"]
         if method == "original":
             return uniform_emulator(self.model, split, 1.0)
-        if method in ("gradot", "svd", "wanda"):
-            from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears, needs_gradients
-            from gradot.kfac import collect_kfac
+        from gradot.methods import compress, get, make_config
 
-            selection = {"gradot": "gcs", "svd": "svd", "wanda": "wanda"}[method]
-            cfg = GradOTConfig(keep=spec["keep"], lambda_attn=spec["lambda"] if selection == "gcs" else 0.0,
-                               lambda_mlp=spec["lambda"] if selection == "gcs" else 0.0,
-                               allocation=spec["allocation"] if selection == "gcs" else "uniform",
-                               selection=selection)
+        if hasattr(get(method).config, "engine"):  # GradOT and its ablations: KFAC factors shared across specs
+            from gradot.methods.gradot import gradot_emulator, middle_linears, needs_gradients
+            from gradot.stats.kfac import collect_kfac
+
+            options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"]}
+            cfg = make_config(get(method).config, spec["keep"], options).engine()
+            selection = cfg.selection
             factors = None
             if selection != "svd":
                 key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec["k"], selection == "wanda",
@@ -206,11 +205,9 @@ class Bench:
                         gradients=needs_gradients(cfg))}  # one set in memory at a time
                 factors = self._factors[key]
             return gradot_emulator(self.model, split, cfg, factors, method=method)
-        from gradot.methods import compress
-
-        args = Namespace(method=method, keep=spec["keep"], adapter_layers=spec["k"], calib=None,
-                         calib_sequences=spec["calib"], calib_len=spec["calib_len"], batch_size=8)
-        return compress(self.model, self.tok, args)
+        options = dict(adapter_layers=spec["k"], calib=None, calib_sequences=spec["calib"],
+                       calib_len=spec["calib_len"], batch_size=8)
+        return compress(self.model, self.tok, method, spec["keep"], options)
 
     def emulator(self, spec: dict):
         """The emulator of a spec, built once and kept on disk; its privacy figures as a cell."""

@@ -9,7 +9,7 @@ VOCAB = 128
 
 
 def tiny_config(model_type: str, layers: int = 6):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -19,6 +19,8 @@ def tiny_config(model_type: str, layers: int = 6):
         return MistralConfig(**common)
     if model_type == "qwen2":
         return Qwen2Config(**common)
+    if model_type == "qwen3":
+        return Qwen3Config(**common, head_dim=8)
     if model_type == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32)

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gradot.artifacts import ArtifactError, load_emulator, plug_in, save_adapter, save_emulator
-from gradot.baselines import cluster_adjacent, crash_emulator, uniform_emulator, uniform_indices
+from gradot.methods.crash import cluster_adjacent, crash_emulator
+from gradot.methods.uniform import uniform_emulator, uniform_indices
 from gradot.registry import UnsupportedModelError, arch_of, decoder_layers
 from gradot.split import Split, SplitError, split_model
 

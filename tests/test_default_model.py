@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradot.baselines import uniform_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.modeling import load_model
 from gradot.split import split_model
 

@@ -80,7 +80,7 @@ def test_gradot_on_the_gpu_builds_the_cpu_emulator(tiny_model_dir, calib_file, t
 
 @cuda
 def test_bf16_adapter_finetune_on_the_gpu_trains_only_the_adapter(tmp_path):
-    from gradot.baselines import uniform_emulator
+    from gradot.methods.uniform import uniform_emulator
     from gradot.finetune import FinetuneConfig, finetune_adapter
     from gradot.split import split_model
 

@@ -8,7 +8,8 @@ from conftest import calib_batches, tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
 from gradot.artifacts import plug_in, save_adapter
-from gradot.baselines import crash_emulator, uniform_emulator
+from gradot.methods.crash import crash_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.finetune import (
     CheckpointConflictError,
     TASK_LR,

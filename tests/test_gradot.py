@@ -8,10 +8,10 @@ from conftest import ARCHS, VOCAB, calib_batches, tiny_model
 
 from gradot.artifacts import load_emulator, save_emulator
 from gradot.emulator import middle_parameter_count
-from gradot.gradot_method import ALLOCATIONS, GradOTConfig, gradot_emulator, middle_linears, score_middle
-from gradot.kfac import collect_kfac
+from gradot.methods.gradot import ALLOCATIONS, GradOTConfig, gradot_emulator, middle_linears, score_middle
+from gradot.stats.kfac import collect_kfac
 from gradot.registry import arch_of, decoder_layers, get_module
-from gradot.scores import drd_select
+from gradot.methods.gradot.scores import drd_select
 from gradot.split import split_model
 from gradot.surgery import LowRankLinear, prune_mlp_channels, to_lowrank
 
@@ -155,7 +155,7 @@ def test_gradot_emulator_save_load_roundtrip(arch, allocation, tokens, tmp_path)
 
 @pytest.mark.parametrize("allocation", ALLOCATIONS)
 def test_rescore_to_another_lambda_equals_scoring_at_it(allocation):
-    from gradot.gradot_method import rescore
+    from gradot.methods.gradot import rescore
 
     model = tiny_model("llama", layers=8)
     split = split_model(model, 2)
@@ -184,7 +184,7 @@ def test_rescore_to_another_lambda_equals_scoring_at_it(allocation):
 
 
 def test_auto_lambda_picks_the_largest_lambda_that_keeps_the_proxy(tokens):
-    from gradot.auto_lambda import auto_lambda
+    from gradot.methods.gradot.auto_lambda import auto_lambda
     model = tiny_model("llama", layers=8)
     split = split_model(model, 2)
     f = factors_for(model, split)

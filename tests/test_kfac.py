@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from gradot.kfac import KFACFactors, collect_kfac, forward_backward_floor
+from gradot.stats.kfac import KFACFactors, collect_kfac, forward_backward_floor
 
 PAD = 0
 

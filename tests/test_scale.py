@@ -8,8 +8,8 @@ import torch
 from conftest import calib_batches, tiny_model
 
 from gradot.cli import main
-from gradot.gradot_method import GradOTConfig, collect_and_score, gradot_emulator, middle_linears
-from gradot.kfac import collect_kfac
+from gradot.methods.gradot import GradOTConfig, collect_and_score, gradot_emulator, middle_linears
+from gradot.stats.kfac import collect_kfac
 from gradot.split import split_model
 
 

@@ -59,9 +59,9 @@ def _emulator(kind: str):
     positions (each its own cache slot); GradOT replaces linears by low-rank pairs."""
     from conftest import calib_batches
 
-    from gradot.baselines import crash_emulator
-    from gradot.gradot_method import GradOTConfig, gradot_emulator, middle_linears
-    from gradot.kfac import collect_kfac
+    from gradot.methods.crash import crash_emulator
+    from gradot.methods.gradot import GradOTConfig, gradot_emulator, middle_linears
+    from gradot.stats.kfac import collect_kfac
     from gradot.split import split_model
 
     model = tiny_model("llama")

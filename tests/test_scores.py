@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradot.scores import (
+from gradot.methods.gradot.scores import (
     drd_scores,
     drd_select,
     magnitude_channel_scores,

@@ -7,7 +7,8 @@ import torch
 
 from conftest import calib_batches, tiny_model, tiny_tokenizer
 from gradot.artifacts import load_emulator, save_emulator
-from gradot.baselines import crash_emulator, uniform_emulator
+from gradot.methods.crash import crash_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.compensate import CompensationError, compensate
 from gradot.proxy import encode_pairs
 from gradot.registry import decoder_layers

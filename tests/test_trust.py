@@ -32,9 +32,9 @@ from safetensors.torch import save_file
 from gradot import artifacts
 from gradot.artifacts import (ArtifactError, load_emulator, load_emulator_tokenizer, plug_in, save_adapter,
                               save_emulator, sha256_file)
-from gradot.baselines import uniform_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.cli import main
-from gradot.gradot_method import GradOTConfig, gradot_emulator
+from gradot.methods.gradot import GradOTConfig, gradot_emulator
 from gradot.split import split_model
 
 LAYERS = 8

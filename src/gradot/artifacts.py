@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import ArtifactError, printable  # noqa: F401  (re-exported: callers import them from here)
 from .emulator import FORMAT_VERSION, Emulator, Slot
 from .registry import UnsupportedModelError, arch_of, decoder_layers
 from .split import Split, SplitError, adapter_state_dict, fingerprint
@@ -50,22 +51,6 @@ ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
 
 logger = logging.getLogger(__name__)
-
-
-class ArtifactError(ValueError):
-    """An artifact is malformed, tampered with, or does not fit the model it is used with.
-
-    The message is always one line (embedded library errors are collapsed and shortened).
-    """
-
-    def __init__(self, message: str):
-        # Names in the message may come from the sender: no terminal control sequences reach the screen.
-        super().__init__(printable(" ".join(str(message).split())))
-
-
-def printable(text: str) -> str:
-    """``text`` with control and other non-printable characters escaped (``\\x1b``)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _why(exc: BaseException, limit: int = 300) -> str:

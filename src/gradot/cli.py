@@ -8,13 +8,27 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
-
-
-class UsageError(ValueError):
-    """Bad command-line input (reported as one line, exit code 2)."""
+from .cli_data import add_commands
+from .cli_options import (  # noqa: F401  (resolve_device re-exported)
+    add_calibration,
+    add_device,
+    add_method_choice,
+    add_method_options,
+    add_model,
+    add_placement,
+    add_split_arguments,
+    check_adapter_folder,
+    keep_fraction,
+    method_config,
+    owner_split,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+    resolve_placement,
+)
+from .errors import GradotError, UsageError, printable  # noqa: F401  (UsageError re-exported)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -39,128 +53,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _keep(value: str) -> float:
-    try:
-        keep = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--keep must be a number in (0, 1], got {value!r}") from None
-    if not 0 < keep <= 1:
-        raise argparse.ArgumentTypeError(f"--keep must be in (0, 1], got {keep}")
-    return keep
-
-
-def int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``; ``what`` names it in the error ("a positive integer")."""
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
-        return n
-
-    return parse
-
-
-_positive_int = int_at_least(1, "a positive integer")
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M), a local Hugging Face model folder, or a .gguf file")
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="where the model runs: auto (a CUDA GPU when one is visible, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="dtype the model's weights are loaded in (bfloat16 halves their memory on a GPU; "
-                        "curvature statistics and scores are always accumulated in float32)")
-
-
-def resolve_device(value: str) -> str:
-    """The torch device for ``--device``; a GPU that is not there is a usage error, not a crash later."""
-    import torch
-
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return value
-    if value == "cuda" or value.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {value}: no CUDA GPU is visible (use --device cpu)")
-        index = value.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise UsageError(f"--device {value}: there are {torch.cuda.device_count()} CUDA device(s)")
-        return value
-    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
-
-
-def _add_placement(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models larger than the device (accelerate device maps)")
-    g.add_argument("--device-map", default=None,
-                   help="auto, balanced, sequential, or a JSON file mapping module names to a GPU index, "
-                        "'cpu' or 'disk': layers that do not fit are offloaded and loaded around each use "
-                        "(overrides --device)")
-    g.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. '0=20GiB,cpu=60GiB'")
-    g.add_argument("--offload-dir", default=None, help="with --device-map: folder for layers offloaded to disk")
-
-
-def resolve_placement(args) -> dict:
-    """``load_model`` keywords for ``--device-map``/``--max-memory``/``--offload-dir`` (empty: none)."""
-    if args.device_map is None:
-        if args.max_memory or args.offload_dir:
-            raise UsageError("--max-memory and --offload-dir need --device-map")
-        return {}
-    value = args.device_map
-    if value in ("auto", "balanced", "balanced_low_0", "sequential"):
-        device_map = value
-    else:
-        try:
-            with open(value, encoding="utf-8") as fh:
-                device_map = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--device-map: expected auto/balanced/sequential or a JSON file: {exc}") from None
-        if not isinstance(device_map, dict) or not all(
-                isinstance(k, str) and (isinstance(v, int) or v in ("cpu", "disk") or str(v).startswith("cuda"))
-                for k, v in device_map.items()):
-            raise UsageError("--device-map file must map module names to a GPU index, 'cpu' or 'disk'")
-    max_memory = None
-    if args.max_memory:
-        max_memory = {}
-        for item in args.max_memory.split(","):
-            key, sep, size = item.partition("=")
-            if not sep or not size.strip():
-                raise UsageError(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
-            key = key.strip()
-            max_memory[int(key) if key.isdigit() else key] = size.strip()
-    return {"device_map": device_map, "max_memory": max_memory, "offload_dir": args.offload_dir}
-
-
-def check_adapter_folder(path: str) -> None:
-    """``--adapter`` must be a folder: said before a model loads (its contents are checked after)."""
-    if not Path(path).is_dir():
-        raise UsageError(f"--adapter {path}: not a directory")
-
-
-def resolve_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=None,
-                   help="calibration text (.txt/.raw or JSONL with 'text'); default: WikiText-2 valid from the shared data")
-    p.add_argument("--calib-sequences", type=_positive_int, default=32, help="number of calibration sequences")
-    p.add_argument("--calib-len", type=_positive_int, default=256, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="calibration batch size")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gradot", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gradot {__version__}")
@@ -172,23 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import DEFAULT_KEEP
 
     p = sub.add_parser("compress", help="model owner: build an emulator of the model's middle block")
-    _add_model(p)
-    p.add_argument("--method", default="uniform", choices=available_methods(),
-                   help="uniform: OT† layer drop; crash: CKA clustering + layer sharing; gradot: KFAC "
-                        "gradient-preserving rank decomposition + channel pruning; svd: plain SVD + weight-norm "
-                        "channel pruning; wanda: plain SVD + activation-aware channel pruning")
-    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP,
+    add_model(p)
+    add_method_choice(p)
+    p.add_argument("--keep", type=keep_fraction, default=DEFAULT_KEEP,
                    help="fraction of middle-block parameters to keep, in (0, 1] (default chosen on the transfer frontier: docs/transfer.md)")
-    p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k: bottom k and top k layers form the adapter")
+    p.add_argument("--adapter-layers", type=positive_int, default=2, help="k: bottom k and top k layers form the adapter")
     p.add_argument("--out", required=True, help="output directory of the emulator")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    _add_device(p)
-    _add_placement(p)
-    _add_calibration(p)
-    _add_method_options(p)
+    add_device(p)
+    add_placement(p)
+    add_calibration(p)
+    add_method_options(p)
 
     p = sub.add_parser("plugin", help="model owner: plug a fine-tuned adapter into the original model")
-    _add_model(p)
+    add_model(p)
     p.add_argument("--adapter", required=True, help="adapter directory returned by the data owner")
     p.add_argument("--out", required=True, help="output directory for the plug-in model (Hugging Face format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -198,64 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
 
-    _add_extra_commands(sub)
+    add_commands(sub)  # the data owner's commands and the pipeline
     return parser
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
-
-
-def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> None:
-    """The model owner's own record of its split, for plugging an adapter into the original model
-    (``emulator``: also offer --emulator, where that option is not taken)."""
-    g = p.add_mutually_exclusive_group()
-    if emulator:
-        g.add_argument("--emulator", default=None,
-                       help="the emulator you shipped for this adapter: its recorded split k decides which layers "
-                            "are replaced (never the split the adapter claims)")
-    g.add_argument("--adapter-layers", type=_positive_int, default=None,
-                   help="the split k you compressed with (default 2, as in compress); an adapter claiming "
-                        "another is refused")
-    p.add_argument("--max-change", type=_positive_float, default=None,
-                   help="refuse an adapter with a tensor moved more than this many times its original norm "
-                        "(default: warn above 1)")
-
-
-def owner_split(args) -> int:
-    """k for plugging into the original model: the shipped emulator's recorded split, else
-    --adapter-layers, else compress's default."""
-    from .artifacts import emulator_split
-
-    if getattr(args, "emulator", None):
-        return emulator_split(args.emulator)
-    return args.adapter_layers or 2
-
-
-def available_methods() -> list[str]:
-    from .methods import METHODS
-
-    return sorted(METHODS)
-
-
-def _add_method_options(p: argparse.ArgumentParser) -> None:
-    from .methods import add_method_arguments
-
-    add_method_arguments(p)
-
-
-def _add_extra_commands(sub) -> None:
-    try:
-        from .cli_data import add_commands
-    except ImportError:  # the data owner's commands are optional at this stage
-        return
-    add_commands(sub)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +104,8 @@ def cmd_compress(args) -> int:
     placement = resolve_placement(args)
     # Cheap checks first: none of these should wait for the model to load.
     refuse_existing(args.out, args.overwrite)
-    check_calibration(args)
+    method_config(args)  # settings the method cannot combine
+    check_calibration(args.method, args.calib)
     if placement:
         device = f"device map {args.device_map}"
     with claim_output(args.out, args.overwrite):  # one writer per --out, refused before compressing
@@ -280,7 +114,7 @@ def cmd_compress(args) -> int:
             model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        emulator = compress(model, tok, args)
+        emulator = compress(model, tok, args.method, args.keep, vars(args))
         t_compress = time.perf_counter() - t0
         emulator.manifest["settings"]["compress_seconds"] = round(t_compress, 2)
         with stage(f"writing {args.out}"):
@@ -327,12 +161,6 @@ COMMANDS = {"compress": cmd_compress, "plugin": cmd_plugin, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .artifacts import ArtifactError, printable
-    from .calib import CalibrationError
-    from .modeling import ModelLoadError
-    from .registry import UnsupportedModelError
-    from .split import SplitError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -340,20 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_third_party(args.verbose)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
-    expected = (ArtifactError, CalibrationError, ModelLoadError, UnsupportedModelError, SplitError, UsageError,
-                FileNotFoundError)
-    try:
-        from .finetune import CheckpointConflictError
-        from .pipeline import PipelineSettingsError
-        from .tasks import TaskDataError  # (data owner's errors, when present)
-        expected = expected + (TaskDataError, CheckpointConflictError, PipelineSettingsError)
-    except ImportError:
-        pass
     try:
         code = handler(args)
         sys.stdout.flush()  # inside the try: a closed pipe (`gradot info emu | head -3`) is reported here
         return code
-    except expected as exc:
+    except (GradotError, FileNotFoundError) as exc:  # the library's errors: one line, exit code 2
         print(f"gradot {args.command}: error: {printable(str(exc))}", file=sys.stderr)  # one line, no escapes
         return 2
     except KeyboardInterrupt:

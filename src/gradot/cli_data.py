@@ -8,6 +8,22 @@ import shlex
 import sys
 from pathlib import Path
 
+from .cli_options import (
+    add_calibration,
+    add_device,
+    add_method_options,
+    add_model,
+    add_split_arguments,
+    check_adapter_folder,
+    int_at_least,
+    keep_fraction,
+    owner_split,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+)
+from .errors import UsageError
+
 
 def _task_list(value: str, known: tuple[str, ...]) -> list[str]:
     names = [t.strip() for t in value.split(",") if t.strip()]
@@ -40,8 +56,6 @@ def _train_task(value: str) -> str:
 
 
 def _training_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import int_at_least
-
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
@@ -58,8 +72,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    from .cli import _add_calibration, _add_device, _add_model, _keep, _positive_int, add_split_arguments
-    from .methods import DEFAULT_KEEP, METHODS, add_method_arguments
+    from .methods import DEFAULT_KEEP, REGISTRY
 
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
     p.add_argument("--emulator", required=True, help="emulator directory from the model owner")
@@ -67,7 +80,7 @@ def add_commands(sub) -> None:
     src.add_argument("--task", type=_train_task, help="one of the eight offsite-tuning tasks (train split)")
     src.add_argument("--data", help="your own data: .txt, JSONL with 'text', or Alpaca-style instruction JSON")
     p.add_argument("--data-dir", default=None, help="folder with the task files (default: the shared data)")
-    p.add_argument("--train-limit", type=_positive_int, default=None,
+    p.add_argument("--train-limit", type=positive_int, default=None,
                    help="use only the first N training rows (default: all; PIQA has 16,113: about 2,000 steps)")
     p.add_argument("--out", required=True, help="adapter output directory (returned to the model owner)")
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: OUT.checkpoints)")
@@ -85,30 +98,30 @@ def add_commands(sub) -> None:
     target.add_argument("--emulator", help="emulator directory")
     p.add_argument("--adapter", default=None, help="adapter directory to plug in first (into --model or --emulator)")
     p.add_argument("--tasks", type=_tasks, required=True, help="comma-separated tasks (and 'wikitext' for perplexity)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="examples per task (default: the whole validation set)")
+    p.add_argument("--limit", type=positive_int, default=None, help="examples per task (default: the whole validation set)")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=8,
+    p.add_argument("--eval-batch-size", type=positive_int, default=8,
                    help="examples per forward pass when scoring (memory, not results, depends on it)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_split_arguments(p, emulator=False)
-    _add_device(p)
+    add_device(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("pipeline", help="the whole protocol per task: Full ZS/FT, Emu ZS/FT, Plug-in, Δ")
-    _add_model(p)
+    add_model(p)
     p.add_argument("--method", default="uniform",
-                   help=f"emulator method(s), comma-separated, from: {', '.join(sorted(METHODS))}")
+                   help=f"emulator method(s), comma-separated, from: {', '.join(sorted(REGISTRY))}")
     p.add_argument("--tasks", type=_train_tasks, default="piqa", help="comma-separated tasks (with training data)")
-    p.add_argument("--keep", type=_keep, default=DEFAULT_KEEP, help="fraction of middle-block parameters to keep")
-    p.add_argument("--adapter-layers", type=_positive_int, default=2, help="k bottom and k top layers form the adapter")
+    p.add_argument("--keep", type=keep_fraction, default=DEFAULT_KEEP, help="fraction of middle-block parameters to keep")
+    p.add_argument("--adapter-layers", type=positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
     p.add_argument("--no-adapter-ft", dest="adapter_ft", action="store_false",
                    help="skip the Adapter FT row (the adapter layers trained on the original itself, the "
                         "denominator of transfer); saves one fine-tuning of the full model per task")
-    p.add_argument("--limit", type=_positive_int, default=None, help="validation examples per task (default: all)")
-    p.add_argument("--train-limit", type=_positive_int, default=1000, help="training rows per task")
+    p.add_argument("--limit", type=positive_int, default=None, help="validation examples per task (default: all)")
+    p.add_argument("--train-limit", type=positive_int, default=1000, help="training rows per task")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=8,
+    p.add_argument("--eval-batch-size", type=positive_int, default=8,
                    help="examples per forward pass when scoring (memory, not results, depends on it)")
     p.add_argument("--out", default="runs/pipeline", help="output folder (cells are cached here; rerun to resume)")
     p.add_argument("--report-only", action="store_true",
@@ -116,10 +129,10 @@ def add_commands(sub) -> None:
                         "loads no model, computes nothing")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each fine-tuning run's checkpoints after its cell is done (default: deleted)")
-    _add_device(p)
+    add_device(p)
     _training_arguments(p)
-    _add_calibration(p)
-    add_method_arguments(p)
+    add_calibration(p)
+    add_method_options(p)
     p.set_defaults(handler=cmd_pipeline)
 
 
@@ -184,15 +197,12 @@ def _finetune(args) -> int:
 
 def cmd_eval(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
-    from .cli import UsageError, owner_split, resolve_device, resolve_dtype
     from .lmeval_tasks import evaluate
     from .modeling import load_model
     from .progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.adapter:  # a wrong --adapter fails before the model loads
-        from .cli import check_adapter_folder
-
         check_adapter_folder(args.adapter)
     if args.emulator and args.adapter_layers:
         raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
@@ -218,17 +228,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .cli import UsageError, resolve_device, resolve_dtype
-    from .methods import METHODS
+    from .methods import REGISTRY, compress_option_names
     from .modeling import load_model
     from .pipeline import Pipeline, PipelineConfig, cell_settings, claim_output_folder
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown or not methods:
-        raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
-    compress_keys = ("adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn",
-                     "lambda_mlp", "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass")
+        raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(REGISTRY))}")
     cfg = PipelineConfig(
         model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
         adapter_ft=args.adapter_ft,
@@ -236,7 +243,8 @@ def cmd_pipeline(args) -> int:
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
         max_length=args.max_length,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
-        bf16=args.bf16, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints, compress_args={k: getattr(args, k) for k in compress_keys},
+        bf16=args.bf16, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints,
+        compress_args={k: getattr(args, k) for k in compress_option_names()},
         dtype=args.dtype,
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

@@ -25,10 +25,7 @@ from tqdm.auto import tqdm
 
 from .emulator import Emulator
 from .registry import arch_of, decoder_layers, get_module, weight_out_in
-
-
-class CompensationError(ValueError):
-    """The emulator cannot be compensated (shared layers, unknown layout)."""
+from .errors import CompensationError  # noqa: F401  (re-exported)
 
 
 class _Stop(Exception):

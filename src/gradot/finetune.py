@@ -1,9 +1,9 @@
 """Fine-tuning with transformers' ``Trainer``: the adapter on an emulator, or a whole model (Full FT).
 
-The data owner's step of offsite-tuning (DESIGN.md §1, step 3): only the adapter layers (the bottom
+The data owner's step of offsite-tuning (docs/method.md, section 1, step 3): only the adapter layers (the bottom
 and top ``k`` decoder layers, ``Emulator.adapter_parameters()``) are trained; embeddings, final norm,
 head and the compressed middle stay frozen. ``finetune_full`` trains every parameter of an original
-model, the "Full FT" upper bound of the result tables (DESIGN.md §4).
+model, the "Full FT" upper bound of the result tables (docs/method.md, section 1).
 
 Training runs through ``transformers.Trainer``, so ``accelerate launch`` (multi-GPU DDP), bf16,
 gradient accumulation, its tqdm progress bar and its log history work unchanged. The loss applies
@@ -63,6 +63,7 @@ from torch import nn
 from .emulator import Emulator
 from .head_loss import HeadAtLabels
 from .registry import arch_of, decoder_layers
+from .errors import CheckpointConflictError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,6 @@ RUN_FILE = "gradot_run.json"
 _BOOKKEEPING = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "resume", "head_at_labels")
 #: Settings a resumed run may change: how long to train.
 _LENGTH = ("max_steps", "epochs")
-
-
-class CheckpointConflictError(ValueError):
-    """``output_dir`` holds checkpoints that this run must not silently reuse or overwrite."""
 
 
 def default_learning_rate(task: str | None, full: bool = False) -> float:

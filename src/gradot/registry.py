@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not in the registry."""
+from .errors import UnsupportedModelError  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

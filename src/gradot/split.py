@@ -11,10 +11,7 @@ from torch import nn
 
 from .offload import onloaded
 from .registry import arch_of, decoder_layers
-
-
-class SplitError(ValueError):
-    """The model cannot be split as asked."""
+from .errors import SplitError  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from dataclasses import field as dataclass_field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Union
+from .errors import TaskDataError  # noqa: F401  (re-exported)
 
 __all__ = [
     "TARGET_DELIMITER",
@@ -77,23 +78,6 @@ DATA_DIR_ENV = "GRADOT_DATA_DIR"
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class TaskDataError(ValueError):
-    """A data file is malformed. The message names the file, the line and the field."""
-
-    def __init__(self, path: str | os.PathLike, line: int | None, field: str | None, problem: str):
-        self.path = Path(path)
-        self.line = line
-        self.field = field
-        self.problem = problem
-        where = f"{self.path}" + (f", line {line}" if line is not None else "")
-        what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{problem}")
-
-    def __reduce__(self):
-        # Rebuild from the parts, so the error survives pickling (e.g. DataLoader workers).
-        return type(self), (self.path, self.line, self.field, self.problem)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ GPT-2's ``Conv1D`` stores its weight ``in x out``; the factors returned for it s
 Memory stays bounded: model parameters are frozen during collection (no ``.grad``, no weight-gradient
 work); gradients are only made to flow from the tracked linears' outputs upwards. To process a model
 layer by layer, call ``collect_kfac`` with a subset of modules at a time
-(``gradot_method.collect_and_score(layers_per_pass=...)`` does this and frees each chunk's factors).
+(``methods.gradot.collect_and_score(layers_per_pass=...)`` does this and frees each chunk's factors).
 
 Cost (docs/speed.md). On top of the forward-backward floor, every tracked linear costs, per token,
 one ``x x^T`` (shared by linears reading the same input), one ``g g^T`` (both symmetric: only the

@@ -1,6 +1,6 @@
 """Gradient-preserving Compression Scores (GCS): pure functions, tensors in, scores out.
 
-Notation (DESIGN.md section 2). A linear layer is ``y = W x`` with ``W`` of shape ``out x in``
+Notation as in docs/method.md, section 2. A linear layer is ``y = W x`` with ``W`` of shape ``out x in``
 (GPT-2 ``Conv1D`` weights must be transposed by the caller). Its KFAC statistics are
 
 * ``A = E[x x^T]``      (in x in),
@@ -347,8 +347,8 @@ def _as_list(ins_W: Tensor | Sequence[Tensor]) -> list[Tensor]:
 def magnitude_channel_scores(ins_W: Tensor | Sequence[Tensor], down_W: Tensor) -> Tensor:
     """Weight-norm baseline: the L2 norm of all of channel ``c``'s weights.
 
-    ``score_c = sqrt(sum_k ||W_in_k[c, :]||^2 + ||W_down[:, c]||^2)``. (A strawman: DESIGN.md
-    notes it did worse than random channels on the default model.)
+    ``score_c = sqrt(sum_k ||W_in_k[c, :]||^2 + ||W_down[:, c]||^2)``. (A strawman: it did worse than
+    random channels on the default model; docs/method.md, section 5.)
     """
     sq = _f32(down_W).pow(2).sum(dim=0)
     for W in _as_list(ins_W):

@@ -12,15 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-
-class CalibrationError(ValueError):
-    """Calibration text is missing, empty or too short."""
+from ..errors import CalibrationError  # noqa: F401  (re-exported)
 
 
 def default_calibration_path() -> Path:
     """WikiText-2 validation text in the shared data folder (found as the task loaders find it)."""
-    from .tasks import resolve_data_dir
+    from ..tasks import resolve_data_dir
 
     try:
         return resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.valid.raw"

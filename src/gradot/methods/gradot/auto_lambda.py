@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .gradot_method import GradOTConfig, gradot_emulator, rescore, score_middle
-from .proxy import adapter_gradients, cosines, mean_and_stderr
-from .split import Split
+from .config import GradOTConfig
+from .build import gradot_emulator
+from .units import rescore, score_middle
+from ...proxy import adapter_gradients, cosines, mean_and_stderr
+from ...split import Split
 
 DEFAULT_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -42,3 +44,13 @@ def auto_lambda(model, split: Split, factors: dict, cfg: GradOTConfig, batches, 
     base = curve[0]["cosine"]
     passing = [c["lambda"] for c in curve if c["cosine"] >= threshold * base]
     return max(passing, default=0.0), curve
+
+
+def choose_lambda(model, split, factors, cfg: GradOTConfig, batches, threshold: float):
+    """The λ chosen on held-out calibration batches (the last quarter), the config and scores at
+    that λ, and the manifest's record of the choice."""
+    held_out = batches[-max(1, len(batches) // 4):]
+    base = score_middle(model, split, factors, cfg)  # scored once for the sweep and the result
+    lam, curve = auto_lambda(model, split, factors, cfg, held_out, threshold=threshold, scores=base)
+    cfg = replace(cfg, lambda_attn=lam, lambda_mlp=lam)
+    return cfg, rescore(base, cfg), {"threshold": threshold, "chosen": lam, "curve": curve}

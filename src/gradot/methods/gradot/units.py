@@ -1,70 +1,34 @@
-"""GradOT emulators: score every middle unit, allocate the parameter budget, then cut.
-
-Three steps with one job each:
-
-1. ``score_middle``: KFAC factors -> per-unit scores (singular components of attention linears,
-   MLP channels, whole layers), through the pure functions of ``scores``. ``collect_and_score``
-   collects the factors and scores them, optionally a few layers per forward-backward pass with
-   each chunk's factors freed before the next (models whose factors do not fit in memory at once).
-2. ``allocate_uniform`` / ``allocate_global``: scores + budget -> a ``Plan`` (which components,
-   channels and layers survive). Pure bookkeeping, no modules.
-3. ``build_from_plan``: the only step that touches modules (through ``surgery``).
-
-Budget accounting counts the middle block's parameters exactly as the emulator will store them:
-a rank-r factor pair costs ``r (in + out)``, and a matrix whose kept rank would not save
-parameters stays dense.
-"""
+"""Step 1 of GradOT: KFAC factors -> a score for every unit of the middle block (singular
+components of attention linears, MLP channels, whole layers), through the pure functions of
+``scores``. ``collect_and_score`` collects the factors and scores them, optionally a few layers per
+forward-backward pass with each chunk's factors freed before the next (models whose factors do not
+fit in memory at once)."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from .emulator import Emulator, assemble, middle_parameter_count
-from .offload import onloaded, plain_copy
-from .registry import ArchSpec, arch_of, decoder_layers, get_module, set_module
+from ...offload import onloaded
+from ...registry import ArchSpec, arch_of, decoder_layers, get_module
+from ...split import Split
+from ...surgery import dense_weight, linear_shape
+from .config import GradOTConfig
 from .scores import (
     DRDScores,
+    SCPScores,
     drd_scores,
     magnitude_channel_scores,
     protected_count,
     scp_scores,
-    SCPScores,
     thin_svd,
     wanda_channel_scores,
     with_lambda,
 )
-from .split import Split
-from .surgery import dense_weight, linear_shape, lowrank_saves_params, prune_mlp_channels, to_lowrank
-
-ALLOCATIONS = ("uniform", "global", "global-layers")
-SELECTIONS = ("gcs", "svd", "wanda")
-
-
-@dataclass(frozen=True)
-class GradOTConfig:
-    keep: float
-    lambda_attn: float = 0.0
-    lambda_mlp: float = 0.0
-    allocation: str = "uniform"  # uniform | global | global-layers
-    selection: str = "gcs"  # gcs (GradOT) | svd (singular values + weight norm) | wanda (svd + activation-aware)
-    top_frac: float = 0.05  # share of components kept by singular value unconditionally
-
-    def __post_init__(self):
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.selection != "gcs" and self.allocation != "uniform":
-            raise ValueError("the svd/wanda ablations have no curvature cost: use allocation 'uniform'")
-
-
-# ---------------------------------------------------------------------------------------------
-# Scores
 
 
 @dataclass
@@ -263,190 +227,6 @@ def rescore(scores: list[LayerScores], cfg: GradOTConfig) -> list[LayerScores]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Allocation
-
-
-@dataclass
-class Plan:
-    """What survives: per middle layer (original index) ranks (None = dense) and channel count."""
-
-    ranks: dict[int, dict[str, int | None]] = field(default_factory=dict)
-    channels: dict[int, int] = field(default_factory=dict)
-    dropped: list[int] = field(default_factory=list)
-
-    def params(self, scores: list[LayerScores]) -> int:
-        total = 0
-        for ls in scores:
-            if ls.index in self.dropped:
-                continue
-            total += ls.fixed + self.channels[ls.index] * ls.mlp.per_channel
-            for m in ls.attn:
-                r = self.ranks[ls.index][m.name]
-                total += m.dense_params if r is None else m.stored_params(r)
-        return total
-
-
-def _rank_or_dense(m: MatrixScores, rank: int) -> int | None:
-    return rank if lowrank_saves_params(m.in_f, m.out_f, rank) else None
-
-
-def allocate_uniform(scores: list[LayerScores], target: int) -> Plan:
-    """The same keep ratio in every matrix and MLP, then the rounding remainder handed out unit by
-    unit so the achieved size lands within one unit of the target."""
-    fixed = sum(ls.fixed for ls in scores)
-    units = sum(sum(m.dense_params for m in ls.attn) + ls.mlp.channels * ls.mlp.per_channel for ls in scores)
-    ratio = min(1.0, max(0.0, (target - fixed) / units))
-    plan = Plan()
-    if ratio >= 1.0:  # nothing to remove: every matrix dense, every channel kept
-        for ls in scores:
-            plan.ranks[ls.index] = {m.name: None for m in ls.attn}
-            plan.channels[ls.index] = ls.mlp.channels
-        return plan
-    for ls in scores:
-        plan.ranks[ls.index] = {}
-        for m in ls.attn:
-            rank = max(1, math.floor(ratio * m.dense_params / (m.in_f + m.out_f)))
-            plan.ranks[ls.index][m.name] = _rank_or_dense(m, rank)
-        plan.channels[ls.index] = max(1, min(ls.mlp.channels, math.floor(ratio * ls.mlp.channels)))
-    # Hand out what rounding left, cheapest-to-grow units first, never overshooting.
-    grew = True
-    while grew:
-        grew = False
-        for ls in scores:
-            room = target - plan.params(scores)
-            if plan.channels[ls.index] < ls.mlp.channels and ls.mlp.per_channel <= room:
-                plan.channels[ls.index] += 1
-                grew = True
-            for m in ls.attn:
-                r = plan.ranks[ls.index][m.name]
-                room = target - plan.params(scores)
-                if r is not None and m.in_f + m.out_f <= room and _rank_or_dense(m, r + 1) is not None:
-                    plan.ranks[ls.index][m.name] = r + 1
-                    grew = True
-    return plan
-
-
-def allocate_global(scores: list[LayerScores], target: int, layers: bool = False) -> Plan:
-    """Remove, across the whole middle block, the units with the lowest curvature cost per
-    parameter saved until the block fits ``target``: singular components, MLP channels and (with
-    ``layers``) whole layers. A matrix whose remaining rank saves nothing is stored dense."""
-    candidates = []  # (cost per parameter, kind, layer, detail)
-    for li, ls in enumerate(scores):
-        for mi, m in enumerate(ls.attn):
-            order = m.keep_order[m.protected:]
-            # float64 division of the float32 costs: the same numbers as float(cost[j]) / n, in one op
-            per_param = (m.cost[order].double() / (m.in_f + m.out_f)).tolist()
-            candidates += [(c, "component", li, (mi, j)) for c, j in zip(per_param, order.tolist())]
-        order = ls.mlp.keep_order[1:]  # keep at least one channel
-        per_param = (ls.mlp.cost[order].double() / ls.mlp.per_channel).tolist()
-        candidates += [(c, "channel", li, ch) for c, ch in zip(per_param, order.tolist())]
-        if layers and len(scores) > 1:
-            candidates.append((ls.cost / ls.params, "layer", li, None))
-    # On equal cost per parameter a whole layer goes first: same damage, a shallower (faster) emulator.
-    candidates.sort(key=lambda c: (c[0], c[1] != "layer"))
-
-    full_rank = [[len(m.svd.S) for m in ls.attn] for ls in scores]
-    rank = [list(r) for r in full_rank]
-    channels = [ls.mlp.channels for ls in scores]
-    dropped = [False] * len(scores)
-
-    def layer_params(li):
-        ls = scores[li]
-        if dropped[li]:
-            return 0
-        return ls.fixed + channels[li] * ls.mlp.per_channel + sum(
-            m.stored_params(r) for m, r in zip(ls.attn, rank[li]))
-
-    def step(kind, li, detail, delta) -> int:
-        """Apply one unit's removal (-1) or return (+1); the change in the layer's parameters."""
-        if kind == "component":
-            m = scores[li].attn[detail[0]]
-            r = rank[li][detail[0]]
-            rank[li][detail[0]] = r + delta
-            return m.stored_params(r + delta) - m.stored_params(r)
-        channels[li] += delta
-        return delta * scores[li].mlp.per_channel
-
-    per_layer = [layer_params(li) for li in range(len(scores))]
-    total = sum(per_layer)
-    removed = []
-    removed_from = [0] * len(scores)  # parameters units removed from each layer (what a give-back can return)
-    alive = len(scores)
-    for _, kind, li, detail in candidates:
-        if total <= target:
-            break
-        if dropped[li]:
-            continue
-        if kind == "layer":
-            if alive == 1:  # never drop the last middle layer
-                continue
-            returnable = sum(r for j, r in enumerate(removed_from) if j != li and not dropped[j])
-            if total - per_layer[li] + returnable < target:
-                continue  # the drop would undershoot the budget beyond what giving units back can fix
-            dropped[li] = True
-            alive -= 1
-            change = -per_layer[li]
-        else:
-            change = step(kind, li, detail, -1)
-            removed.append((kind, li, detail))
-            removed_from[li] -= change
-        total += change
-        per_layer[li] += change
-    # Dropping a whole layer can overshoot: give back the most costly removed units that fit.
-    for kind, li, detail in reversed(removed):
-        if dropped[li]:
-            continue
-        change = step(kind, li, detail, +1)
-        if total + change <= target:
-            total += change
-            per_layer[li] += change
-        else:
-            step(kind, li, detail, -1)
-
-    plan = Plan(dropped=[ls.index for ls, d in zip(scores, dropped) if d])
-    for li, ls in enumerate(scores):
-        plan.ranks[ls.index] = {m.name: _rank_or_dense(m, r) for m, r in zip(ls.attn, rank[li])}
-        plan.channels[ls.index] = channels[li]
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# Surgery
-
-
-def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], plan: Plan, *,
-                    method: str, cfg: GradOTConfig, settings: dict) -> Emulator:
-    arch = arch_of(model)
-    originals = decoder_layers(model)
-    middle, sources = [], []
-    for ls in scores:
-        if ls.index in plan.dropped:
-            continue
-        # Built where its scores were computed: with a device map a layer's weights may rest on
-        # the CPU while it runs (and is scored) on the GPU.
-        layer = plain_copy(originals[ls.index]).to(ls.mlp.keep_order.device)
-        for m in ls.attn:
-            r = plan.ranks[ls.index][m.name]
-            if r is not None:
-                keep = m.keep_order[:r].sort().values
-                set_module(layer, m.name, to_lowrank(get_module(layer, m.name), m.svd.U, m.svd.S, m.svd.Vh, keep))
-        c = plan.channels[ls.index]
-        if c < ls.mlp.channels:
-            prune_mlp_channels(layer, arch, ls.mlp.keep_order[:c])
-        middle.append(layer)
-        sources.append(ls.index)
-    settings = dict(settings)
-    settings.update({
-        "allocation": cfg.allocation, "selection": cfg.selection, "lambda_attn": cfg.lambda_attn,
-        "lambda_mlp": cfg.lambda_mlp, "top_frac": cfg.top_frac, "dropped_layers": plan.dropped,
-        "score_normalisation": "each term divided by its mean |value| over the matrix's components "
-                               "(attention) or the MLP's channels before combining with lambda",
-    })
-    return assemble(model, split, middle, sources, [None] * len(middle), method=method, keep=cfg.keep,
-                    settings=settings)
-
-
 def middle_linears(model: nn.Module, split: Split, mlp_only: bool = False,
                    layers: list[int] | None = None) -> dict[str, nn.Module]:
     """Name -> module of every linear compression scores (keys match ``score_middle``), of every
@@ -478,7 +258,7 @@ def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches
     same scores. ``gradients=None`` collects ``grad`` only when ``cfg`` needs it. ``timings``, if
     given, receives ``statistics_s`` and ``scores_s``.
     """
-    from .kfac import collect_kfac  # kfac imports nothing from here; keep the import light
+    from ...stats.kfac import collect_kfac  # kfac imports nothing from here; keep the import light
 
     if cfg.selection == "svd":
         raise ValueError("the svd ablation needs no statistics: call score_middle(model, split, None, cfg)")
@@ -506,18 +286,3 @@ def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches
         timings["statistics_s"] = t_stats
         timings["scores_s"] = t_scores
     return scores
-
-
-def gradot_emulator(model: nn.Module, split: Split, cfg: GradOTConfig, factors: dict | None,
-                    method: str = "gradot", settings: dict | None = None,
-                    scores: list[LayerScores] | None = None) -> Emulator:
-    """Score, allocate and cut. ``factors`` from ``kfac.collect_kfac`` over ``middle_linears``, or
-    ``scores`` already computed (``collect_and_score``; ``factors`` is then ignored)."""
-    if scores is None:
-        scores = score_middle(model, split, factors, cfg)
-    target = round(cfg.keep * middle_parameter_count(model, split))
-    if cfg.allocation == "uniform":
-        plan = allocate_uniform(scores, target)
-    else:
-        plan = allocate_global(scores, target, layers=cfg.allocation == "global-layers")
-    return build_from_plan(model, split, scores, plan, method=method, cfg=cfg, settings=settings or {})

@@ -1,38 +1,25 @@
-"""Training-free baseline emulators: OT† uniform layer drop and CRaSh layer sharing.
+"""CRaSh: cluster adjacent middle layers by the CKA of their outputs on calibration text, keep one
+representative per cluster and repeat it over the cluster's positions (depth unchanged, weights
+stored once).
 
-Selection functions are pure (numbers in, indices out); ``uniform_emulator`` / ``crash_emulator``
-gather what they need from the model and hand indices to ``emulator.assemble``.
+The similarity and clustering functions are pure (numbers in, indices out); ``crash_emulator``
+gathers the layer outputs and hands indices to ``emulator.assemble``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .emulator import Emulator, assemble
-from .offload import plain_copy
-from .registry import decoder_layers
-from .split import Split
-
-
-def layers_to_keep(n_middle: int, keep: float) -> int:
-    """Number of whole middle layers that best matches the keep fraction (at least one)."""
-    return max(1, min(n_middle, round(keep * n_middle)))
-
-
-def uniform_indices(n: int, m: int) -> list[int]:
-    """offsite-tuning's ``uniform_choose_layers``: indices ``round(i(n-1)/(m-1))``, i = 0..m-1."""
-    if not 1 <= m <= n:
-        raise ValueError(f"cannot keep {m} of {n} layers")
-    if m == 1:
-        return [(n - 1) // 2]
-    return [round(i * (n - 1) / (m - 1)) for i in range(m)]
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two representations of the same tokens (tokens x features)."""
-    return float(cka_matrix([x, y])[0, 1])
+from ..emulator import Emulator, assemble
+from ..offload import plain_copy
+from ..registry import decoder_layers
+from ..split import Split
+from .base import Calibration, MethodConfig
+from .uniform import layers_to_keep
 
 
 def cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -83,17 +70,6 @@ def representative(similarity: torch.Tensor, cluster: list[int]) -> int:
     return cluster[int(sub.sum(1).argmax())]
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def uniform_emulator(model: nn.Module, split: Split, keep: float) -> Emulator:
-    n = len(split.middle)
-    chosen = [split.middle[i] for i in uniform_indices(n, layers_to_keep(n, keep))]
-    layers = decoder_layers(model)
-    middle = [plain_copy(layers[i]) for i in chosen]
-    return assemble(model, split, middle, chosen, [None] * len(chosen), method="uniform", keep=keep)
-
-
 @torch.no_grad()
 def middle_layer_outputs(model: nn.Module, split: Split, batches, max_tokens: int = 4096) -> list[torch.Tensor]:
     """Each middle layer's output hidden states on calibration tokens (tokens x hidden)."""
@@ -139,3 +115,18 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
     settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "linkage": "complete",
                 "cka_tokens": tokens}
     return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)
+
+
+@dataclass(frozen=True)
+class CrashConfig(MethodConfig):
+    """CRaSh has no setting but ``keep`` (it compares layers on up to 4096 calibration tokens)."""
+
+
+class Crash:
+    name = "crash"
+    help = "CKA clustering + layer sharing"
+    config = CrashConfig
+    needs_calibration = True
+
+    def build(self, model, split, config: CrashConfig, calibration: Calibration) -> Emulator:
+        return crash_emulator(model, split, config.keep, calibration.batches)

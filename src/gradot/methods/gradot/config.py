@@ -1,0 +1,64 @@
+"""GradOT's settings: ``GradOTConfig`` for the scoring, allocation and surgery functions, and
+``GradOTOptions``, what a user chooses (the ``gradot`` method's config: the command line's options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import MethodConfigError
+from ..base import MethodConfig, option
+
+ALLOCATIONS = ("uniform", "global", "global-layers")
+SELECTIONS = ("gcs", "svd", "wanda")
+
+
+@dataclass(frozen=True)
+class GradOTConfig:
+    keep: float
+    lambda_attn: float = 0.0
+    lambda_mlp: float = 0.0
+    allocation: str = "uniform"  # uniform | global | global-layers
+    selection: str = "gcs"  # gcs (GradOT) | svd (singular values + weight norm) | wanda (svd + activation-aware)
+    top_frac: float = 0.05  # share of components kept by singular value unconditionally
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection != "gcs" and self.allocation != "uniform":
+            raise ValueError("the svd/wanda ablations have no curvature cost: use allocation 'uniform'")
+
+
+@dataclass(frozen=True)
+class GradOTOptions(MethodConfig):
+    """The ``gradot`` method's settings."""
+
+    lambda_attn: float = option(0.0, "weight of the first-order (privacy) term for attention DRD; 0 = curvature only")
+    lambda_mlp: float = option(0.0, "weight of the first-order (privacy) term for MLP SCP; 0 = curvature only")
+    allocation: str = option("global", "uniform: same keep ratio in every matrix; global: lowest curvature cost per "
+                             "parameter across all components and channels; global-layers: also whole layers",
+                             choices=ALLOCATIONS)
+    auto_lambda: float | None = option(
+        None, "choose λ automatically: the largest λ (grid 0.001..1) whose adapter-gradient cosine on held-out "
+        "calibration text stays >= THRESHOLD x the cosine at λ=0 (e.g. 0.95); overrides --lambda-attn/--lambda-mlp",
+        kind=float, metavar="THRESHOLD")
+    top_frac: float = option(0.05, "share of singular components kept unconditionally by singular value")
+    gradient_checkpointing: bool = option(False, "recompute activations during the statistics pass (large models)",
+                                          runtime=True)
+    layers_per_pass: int | None = option(
+        None, "large models: collect and score the KFAC statistics of N middle layers per forward-backward pass, "
+        "freeing each chunk's factors before the next (same emulator; one pass over the calibration set per chunk)",
+        kind=int, minimum=1, metavar="N", runtime=True)
+
+    def __post_init__(self):
+        if self.auto_lambda is not None and self.layers_per_pass:
+            raise MethodConfigError("--auto-lambda needs every layer's statistics at once; drop --layers-per-pass")
+
+    def engine(self, selection: str = "gcs") -> GradOTConfig:
+        """The scoring/allocation settings; the svd and wanda ablations use no λ and the uniform allocation."""
+        gcs = selection == "gcs"
+        return GradOTConfig(keep=self.keep, lambda_attn=self.lambda_attn if gcs else 0.0,
+                            lambda_mlp=self.lambda_mlp if gcs else 0.0,
+                            allocation=self.allocation if gcs else "uniform", selection=selection,
+                            top_frac=self.top_frac)

@@ -1,0 +1,54 @@
+"""The methods built on GradOT's three steps (``units``, ``allocate``, ``build``): ``gradot`` and
+its two ablations ``svd`` and ``wanda`` (which share ``build_gradot_like``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...emulator import Emulator
+from ...split import Split
+from .auto_lambda import choose_lambda
+from .build import gradot_emulator
+from .config import GradOTOptions
+
+
+def build_gradot_like(model: nn.Module, split: Split, options, calibration, selection: str) -> Emulator:
+    """The emulator of GradOT (``selection`` gcs) or of one of its ablations (svd, wanda): factors
+    from ``calibration`` (none for svd), scores, allocation, surgery; ``options`` a
+    ``GradOTOptions`` (or a config with its ``top_frac`` and, for wanda, the statistics options)."""
+    from ...progress import stage
+    from ...stats.kfac import collect_kfac
+    from .units import collect_and_score, middle_linears, needs_gradients
+
+    cfg = options.engine(selection)
+    factors, scores, settings = None, None, {}
+    auto = getattr(options, "auto_lambda", None) is not None
+    layers_per_pass = getattr(options, "layers_per_pass", None)
+    checkpointing = getattr(options, "gradient_checkpointing", False)
+    if selection != "svd":
+        batches = calibration.batches
+        if layers_per_pass:  # large models: a few layers' factors in memory at a time
+            scores = collect_and_score(model, split, cfg, batches, layers_per_pass=layers_per_pass,
+                                       gradient_checkpointing=checkpointing)
+        else:
+            factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
+                                   gradient_checkpointing=checkpointing, gradients=auto or needs_gradients(cfg))
+        settings["calibration"] = calibration.described
+    if auto:
+        cfg, scores, settings["auto_lambda"] = choose_lambda(model, split, factors, cfg, batches, options.auto_lambda)
+    # Scoring every component and channel, then building the layers: minutes on a CPU, no bar.
+    with stage(f"{_NAMES[selection]}: scoring and building the emulator"):
+        return gradot_emulator(model, split, cfg, factors, method=_NAMES[selection], settings=settings, scores=scores)
+
+
+_NAMES = {"gcs": "gradot", "svd": "svd", "wanda": "wanda"}
+
+
+class GradOT:
+    name = "gradot"
+    help = "KFAC gradient-preserving rank decomposition + channel pruning"
+    config = GradOTOptions
+    needs_calibration = True
+
+    def build(self, model, split, config: GradOTOptions, calibration) -> Emulator:
+        return build_gradot_like(model, split, config, calibration, "gcs")
