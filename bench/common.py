@@ -80,6 +80,17 @@ class PeakRSS:
         self.stop()
 
 
+def table_row(cells) -> str:
+    """A Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """The report's Markdown lines written to ``path`` and printed."""
+    path.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
 def method_variant(label: str) -> tuple[str, dict]:
     """A benchmark's method label as a registered method and its options: ``gradot-global-layers``
     is ``gradot`` with ``allocation`` global-layers; a registered name is itself."""

@@ -43,7 +43,7 @@ from gradot.methods.gradot import collect_and_score, gradot_emulator, middle_lin
 from gradot.stats.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
 from gradot.split import split_model
-from common import PeakRSS, build_emulator, git_commit, machine  # bench/ is on sys.path
+from common import PeakRSS, build_emulator, git_commit, machine, write_markdown  # bench/ is on sys.path
 from shapes import SIZES, random_llama  # bench/shapes.py (the script's folder is on sys.path)
 
 METHODS = "uniform,crash,svd,gradot-uniform,gradot-global"
@@ -481,8 +481,7 @@ def main(argv=None):
                   f"{len(distinct)} sizes):", "", "| method | b |", "|---|---|"]
         for method, b in exponents.items():
             lines.append(f"| {method} | {b:.2f} |" if b is not None else f"| {method} | – |")
-    (out / "compress.md").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    write_markdown(out / "compress.md", lines)
 
 
 if __name__ == "__main__":

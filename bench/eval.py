@@ -27,7 +27,7 @@ import torch
 from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
 from gradot.modeling import load_model
 from gradot.tasks import TASK_NAMES
-from common import git_commit, machine  # bench/ is on sys.path when a script runs
+from common import git_commit, machine, write_markdown  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -147,8 +147,7 @@ def main(argv=None):
                  f"{summary['fast_requests_per_cpu_s']:.2f} | **{summary['speedup_scoring']:.2f}** | "
                  f"{summary['speedup_evaluate']:.2f} | {total('stock', 'evaluate_wall_s'):.1f} | "
                  f"{total('fast', 'evaluate_wall_s'):.1f} | | {'yes' if summary['all_metrics_same'] else 'NO'} |")
-    (out / "eval.md").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    write_markdown(out / "eval.md", lines)
 
 
 if __name__ == "__main__":

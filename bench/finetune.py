@@ -37,7 +37,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from common import PeakRSS, git_commit, machine  # bench/ is on sys.path when a script runs
+from common import PeakRSS, git_commit, machine, table_row, write_markdown  # bench/ is on sys.path when a script runs
 
 SETTINGS = ("full", "full-lora", "adapter", "adapter-lora")
 LOSSES = ("stock", "head-at-labels")
@@ -346,14 +346,12 @@ def main(argv=None):
     for r in rows:
         fl = f"{r['flops_per_token'] / 1e9:.2f}" if r["flops_per_token"] else "–"
         share = f"{r['lm_head_flop_share']:.0%}" if r["lm_head_flop_share"] is not None else "–"
-        lines.append(
-            f"| {r['setting']} | {r['loss']} | {r['trainable_parameters'] / 1e6:.2f} M | "
-            f"{r['tokens_per_second']:.0f} | {r['tokens_per_cpu_second']:.0f} | {ratio(r, 'speed_vs_full')} | "
-            f"{ratio(r, 'speed_vs_stock')} | "
-            f"{r['seconds_per_step']:.2f} | {r['peak_mib']:.0f} | {ratio(r, 'memory_vs_full')} | "
-            f"{ratio(r, 'memory_vs_stock')} | {fl} | {share} |")
-    (out / "finetune.md").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+        lines.append(table_row([
+            r["setting"], r["loss"], f"{r['trainable_parameters'] / 1e6:.2f} M", f"{r['tokens_per_second']:.0f}",
+            f"{r['tokens_per_cpu_second']:.0f}", ratio(r, "speed_vs_full"), ratio(r, "speed_vs_stock"),
+            f"{r['seconds_per_step']:.2f}", f"{r['peak_mib']:.0f}", ratio(r, "memory_vs_full"),
+            ratio(r, "memory_vs_stock"), fl, share]))
+    write_markdown(out / "finetune.md", lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from gradot.artifacts import load_emulator, save_emulator
 from gradot.emulator import middle_parameter_count
 from gradot.methods.gradot import ALLOCATIONS, GradOTConfig, gradot_emulator, middle_linears, score_middle
 from gradot.stats.kfac import collect_kfac
-from gradot.registry import arch_of, decoder_layers, get_module
+from gradot.registry import arch_of, decoder_layers, get_module, linear_shape, set_module, weight_out_in
 from gradot.methods.gradot.scores import drd_select
 from gradot.split import split_model
 from gradot.surgery import LowRankLinear, prune_mlp_channels, to_lowrank
@@ -33,12 +33,11 @@ def test_full_rank_drd_and_keep_all_scp_leave_logits_unchanged(arch, tokens):
     layer = decoder_layers(model)[2]
     for name in spec.attn_linears:
         module = get_module(layer, name)
-        W = (module.weight.T if spec.conv1d else module.weight).detach()
+        W = weight_out_in(module, spec).detach()
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        from gradot.registry import set_module
-        set_module(layer, name, to_lowrank(module, U, S, Vh, torch.arange(len(S))))
+        set_module(layer, name, to_lowrank(module, spec, U, S, Vh, torch.arange(len(S))))
         assert isinstance(get_module(layer, name), LowRankLinear)
-    channels = get_module(layer, spec.mlp_out).weight.shape[0 if spec.conv1d else 1]
+    channels = linear_shape(get_module(layer, spec.mlp_out), spec)[1]
     prune_mlp_channels(layer, spec, torch.arange(channels).flip(0))  # order must not matter
     assert torch.allclose(logits(model, tokens), reference, atol=1e-5)
 

@@ -59,7 +59,7 @@ def _refit_one(model: nn.Module, position: int, batches, targets: list[torch.Ten
     arch = arch_of(model)
     layer = decoder_layers(model)[position]
     proj = get_module(layer, arch.mlp_out)
-    weight = weight_out_in(proj)  # out x in
+    weight = weight_out_in(proj, arch)  # out x in
     bias = getattr(proj, "bias", None)
     gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
     cross = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.float64)

@@ -62,7 +62,7 @@ from torch import nn
 
 from .emulator import Emulator
 from .head_loss import HeadAtLabels
-from .registry import arch_of, decoder_layers
+from .registry import arch_of, decoder_layers, is_linear
 from .errors import CheckpointConflictError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -553,13 +553,13 @@ def output_head(model: nn.Module) -> nn.Module:
 def lora_target_modules(model: nn.Module, positions: Sequence[int]) -> list[str]:
     """Full names of every linear (``nn.Linear`` or GPT-2 ``Conv1D``) in the decoder layers at
     ``positions``, e.g. ``model.layers.0.self_attn.q_proj``."""
-    prefix = arch_of(model).layers
+    arch = arch_of(model)
     layers = decoder_layers(model)
     names = []
     for pos in positions:
         for name, module in layers[pos].named_modules():
-            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-                names.append(f"{prefix}.{pos}.{name}")
+            if is_linear(module, arch):
+                names.append(f"{arch.layers}.{pos}.{name}")
     if not names:
         raise ValueError(f"no linear layers found in decoder layers {list(positions)}")
     return names

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .registry import arch_of, decoder_layers, get_module
-from .surgery import LowRankLinear, dense_weight
+from .registry import ArchSpec, arch_of, decoder_layers, get_module, weight_out_in
+from .surgery import LowRankLinear
 
 
 @dataclass
@@ -136,7 +136,7 @@ def place(W: torch.Tensor, shipped: torch.Tensor) -> Reconstruction:
     return Reconstruction(value, mask, "pruned")
 
 
-def reconstruct_matrix(W: torch.Tensor, module: nn.Module | None) -> Reconstruction:
+def reconstruct_matrix(W: torch.Tensor, module: nn.Module | None, arch: ArchSpec) -> Reconstruction:
     """The attacker's estimate of ``W`` (out x in) from the emulator's module (None: nothing ships)."""
     if module is None:
         return Reconstruction(torch.zeros_like(W), torch.zeros_like(W, dtype=torch.bool), "none")
@@ -144,7 +144,7 @@ def reconstruct_matrix(W: torch.Tensor, module: nn.Module | None) -> Reconstruct
         rec = place(W, module.weight.detach())
         # A low-rank product is an approximation: no entry is shipped as such.
         return Reconstruction(rec.value, torch.zeros_like(rec.shipped), "lowrank")
-    return place(W, dense_weight(module))
+    return place(W, weight_out_in(module, arch))
 
 
 def exact_count(original: torch.Tensor, rec: Reconstruction) -> int:
@@ -198,7 +198,7 @@ def measure(original: nn.Module, emulator_model: nn.Module, manifest: dict, midd
     for pos in stored:
         for n in linears:
             m = get_module(emu_layers[pos], n)
-            candidates[n].append((pos, (m.weight if isinstance(m, LowRankLinear) else dense_weight(m)).detach()))
+            candidates[n].append((pos, weight_out_in(m, arch).detach()))
 
     report = MethodPrivacy()
     for i in middle:
@@ -209,9 +209,9 @@ def measure(original: nn.Module, emulator_model: nn.Module, manifest: dict, midd
         handled: set[str] = set()
         for n in linears:
             orig_module = get_module(layer, n)
-            W = dense_weight(orig_module).detach()
+            W = weight_out_in(orig_module, arch).detach()
             emu_module = get_module(emu_layer, n) if emu_layer is not None else None
-            rec = reconstruct_matrix(W, emu_module)
+            rec = reconstruct_matrix(W, emu_module, arch)
             kinds.add(rec.kind)
             own_sq = float((W.double() - rec.value.double()).norm() ** 2)
             norm = float(W.double().norm())

@@ -20,7 +20,8 @@ class ArchSpec:
     Linear names are relative to a decoder layer. ``attn_in`` read the layer's hidden state
     (q/k/v, or GPT-2's fused c_attn), ``attn_out`` writes it back. ``mlp_in`` are the MLP's input
     projections (gate first where there is one, then up); ``mlp_out`` is the down projection.
-    ``conv1d`` marks GPT-2 style ``Conv1D`` linears whose weight is stored ``in x out``.
+    ``conv1d`` marks GPT-2 style ``Conv1D`` linears whose weight is stored ``in x out``: code reads
+    weights and shapes through ``weight_out_in`` and ``linear_shape``, which ask the entry.
     """
 
     layers: str
@@ -46,6 +47,14 @@ class ArchSpec:
     @property
     def has_gate(self) -> bool:
         return len(self.mlp_in) > 1
+
+    def stores_transposed(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of this architecture's ``in x out`` linears (GPT-2's ``Conv1D``)."""
+        if not self.conv1d:
+            return False
+        from transformers.pytorch_utils import Conv1D
+
+        return isinstance(module, Conv1D)
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -109,10 +118,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_of(model).layers)
 
 
-def set_decoder_layers(model: nn.Module, layers: list[nn.Module]) -> None:
-    set_module(model, arch_of(model).layers, nn.ModuleList(layers))
+def weight_out_in(module: nn.Module, arch: ArchSpec):
+    """The weight of one of ``arch``'s linears (or of the low-rank pair replacing it) ``out x in``
+    (a view for a transposed one, no copy)."""
+    return module.weight.T if arch.stores_transposed(module) else module.weight
 
 
-def weight_out_in(module: nn.Module):
-    """The module's weight in the ``out x in`` convention (a view for Conv1D, no copy)."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+def linear_shape(module: nn.Module, arch: ArchSpec) -> tuple[int, int]:
+    """``(out, in)`` features of one of ``arch``'s linears (or of the low-rank pair replacing it):
+    the order of ``weight_out_in``'s shape, the one convention of the package."""
+    if arch.stores_transposed(module):
+        n_in, n_out = module.weight.shape
+        return n_out, n_in
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    raise TypeError(f"expected a linear layer, got {type(module).__name__}")
+
+
+def is_linear(module: nn.Module, arch: ArchSpec) -> bool:
+    """An ``nn.Linear`` or one of ``arch``'s own transposed linears."""
+    return isinstance(module, nn.Linear) or arch.stores_transposed(module)

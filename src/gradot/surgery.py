@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .registry import ArchSpec, arch_of, get_module, set_module
+from .registry import ArchSpec, arch_of, get_module, linear_shape, set_module, weight_out_in
 
 # ---------------------------------------------------------------------------------------------
 # Low-rank linear (DRD)
@@ -44,42 +44,28 @@ class LowRankLinear(nn.Module):
         """The dense ``out x in`` product (for scoring and reconstruction checks only)."""
         return self.up.weight @ self.down.weight
 
-
-def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, has_bias)`` of a Linear, Conv1D or LowRankLinear."""
-    if isinstance(module, LowRankLinear):
-        return module.in_features, module.out_features, module.up.bias is not None
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.weight.shape[1], module.bias is not None
-    return module.in_features, module.out_features, module.bias is not None
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """Weight in the ``out x in`` convention, whatever the module type."""
-    if type(module).__name__ == "Conv1D":
-        return module.weight.T
-    return module.weight
-
-
-def _bias(module: nn.Module):
-    return module.up.bias if isinstance(module, LowRankLinear) else module.bias
-
-
-def to_lowrank(module: nn.Module, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, keep: torch.Tensor) -> LowRankLinear:
+def to_lowrank(module: nn.Module, arch: ArchSpec, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+               keep: torch.Tensor) -> LowRankLinear:
     """Factor ``module`` keeping singular components ``keep`` of ``W = U diag(S) Vh``.
 
     ``B = S^½ Vh`` and ``C = U S^½`` share the singular values evenly, which keeps both factors
     on the same scale for fine-tuning and low-precision storage.
     """
-    in_f, out_f, has_bias = linear_shape(module)
-    w = dense_weight(module)
+    out_f, in_f = linear_shape(module, arch)
+    has_bias = module.bias is not None
+    w = weight_out_in(module, arch)
     root = S[keep].sqrt()
     new = LowRankLinear(in_f, len(keep), out_f, has_bias, dtype=w.dtype, device=w.device, init=False)
     with torch.no_grad():
         new.down.weight.copy_((root[:, None] * Vh[keep]).to(w.dtype))
         new.up.weight.copy_((U[:, keep] * root[None, :]).to(w.dtype))
         if has_bias:
-            new.up.bias.copy_(_bias(module))
+            new.up.bias.copy_(module.bias)
     return new
 
 
@@ -92,16 +78,16 @@ def lowrank_saves_params(in_f: int, out_f: int, rank: int) -> bool:
 # MLP channel pruning (SCP)
 
 
-def _slice_linear(module: nn.Module, keep: torch.Tensor, dim: str) -> nn.Module:
+def _slice_linear(module: nn.Module, arch: ArchSpec, keep: torch.Tensor, dim: str) -> nn.Module:
     """Keep output units (``dim='out'``) or input units (``dim='in'``) ``keep`` of a linear."""
-    w = dense_weight(module).detach()
+    w = weight_out_in(module, arch).detach()
     keep = keep.to(w.device)
     w = w[keep] if dim == "out" else w[:, keep]
     bias = module.bias
     if bias is not None and dim == "out":
         bias = bias[keep]
     out_f, in_f = w.shape
-    if type(module).__name__ == "Conv1D":
+    if arch.stores_transposed(module):  # rebuilt as the same kind, in x out
         new = type(module)(out_f, in_f)
         new.weight = nn.Parameter(w.T.contiguous())
         new.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -118,12 +104,12 @@ def prune_mlp_channels(layer: nn.Module, arch: ArchSpec, keep: torch.Tensor) -> 
     """Keep MLP intermediate channels ``keep``: rows of gate/up (and biases), columns of down."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     for name in arch.mlp_in:
-        set_module(layer, name, _slice_linear(get_module(layer, name), keep, "out"))
-    set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), keep, "in"))
+        set_module(layer, name, _slice_linear(get_module(layer, name), arch, keep, "out"))
+    set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), arch, keep, "in"))
 
 
 def mlp_channels(layer: nn.Module, arch: ArchSpec) -> int:
-    return linear_shape(get_module(layer, arch.mlp_out))[0]
+    return linear_shape(get_module(layer, arch.mlp_out), arch)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +122,10 @@ def reshape_layer(layer: nn.Module, arch: ArchSpec, ranks: dict[str, int], chann
         prune_mlp_channels(layer, arch, torch.arange(channels))
     for name, rank in ranks.items():
         module = get_module(layer, name)
-        in_f, out_f, has_bias = linear_shape(module)
-        w = dense_weight(module)
-        set_module(layer, name, LowRankLinear(in_f, rank, out_f, has_bias, dtype=w.dtype, device=w.device))
+        out_f, in_f = linear_shape(module, arch)
+        w = weight_out_in(module, arch)
+        set_module(layer, name, LowRankLinear(in_f, rank, out_f, module.bias is not None, dtype=w.dtype,
+                                              device=w.device))
 
 
 def layer_shapes(layer: nn.Module, arch: ArchSpec) -> tuple[dict[str, int], int]:

@@ -13,12 +13,19 @@ from dataclasses import Field
 from typing import Any
 
 from ..errors import MethodConfigError
-from .base import DEFAULT_KEEP, Calibration, Method, MethodConfig, config_options, make_config, option, same_option
-from .crash import Crash
-from .gradot import GradOT
-from .svd import SVD
-from .uniform import Uniform
-from .wanda import Wanda
+from . import crash, svd, uniform, wanda
+from .base import (
+    DEFAULT_KEEP,
+    Calibration,
+    Method,
+    MethodConfig,
+    SimpleMethod,
+    config_options,
+    make_config,
+    option,
+    same_option,
+)
+from .gradot import GRADOT
 
 REGISTRY: dict[str, Method] = {}
 
@@ -34,7 +41,7 @@ def register(method: Method) -> Method:
     return method
 
 
-for _method in (Uniform(), Crash(), GradOT(), SVD(), Wanda()):
+for _method in (uniform.METHOD, crash.METHOD, GRADOT, svd.METHOD, wanda.METHOD):
     register(_method)
 
 
@@ -105,6 +112,6 @@ def compress(model, tok, method: str, keep: float, options: Mapping[str, Any]):
     return emulator
 
 
-__all__ = ["CALIBRATION_OPTIONS", "DEFAULT_KEEP", "REGISTRY", "Calibration", "Method", "MethodConfig",
+__all__ = ["CALIBRATION_OPTIONS", "DEFAULT_KEEP", "REGISTRY", "Calibration", "Method", "MethodConfig", "SimpleMethod",
            "check_calibration", "compress", "compress_option_names", "config_options", "get", "make_config",
            "method_options", "option", "register", "runtime_options", "same_option"]

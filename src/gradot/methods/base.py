@@ -9,6 +9,7 @@ read these fields; nothing here knows about argparse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -66,6 +67,20 @@ class Method(Protocol):
 
     def build(self, model, split, config, calibration: Calibration | None):
         """The emulator of ``model`` for ``split`` (an ``emulator.Emulator``)."""
+
+
+@dataclass(frozen=True)
+class SimpleMethod:
+    """A ``Method`` given by its parts: ``build_fn(model, split, config, calibration)`` builds."""
+
+    name: str
+    help: str
+    config: type
+    needs_calibration: bool
+    build_fn: Callable
+
+    def build(self, model, split, config, calibration: Calibration | None = None):
+        return self.build_fn(model, split, config, calibration)
 
 
 

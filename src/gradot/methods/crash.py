@@ -8,8 +8,6 @@ gathers the layer outputs and hands indices to ``emulator.assemble``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -18,7 +16,7 @@ from ..emulator import Emulator, assemble
 from ..offload import plain_copy
 from ..registry import decoder_layers
 from ..split import Split
-from .base import Calibration, MethodConfig
+from .base import Calibration, MethodConfig, SimpleMethod
 from .uniform import layers_to_keep
 
 
@@ -117,16 +115,9 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
     return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)
 
 
-@dataclass(frozen=True)
-class CrashConfig(MethodConfig):
-    """CRaSh has no setting but ``keep`` (it compares layers on up to 4096 calibration tokens)."""
+def _build(model: nn.Module, split: Split, config: MethodConfig, calibration: Calibration) -> Emulator:
+    return crash_emulator(model, split, config.keep, calibration.batches)
 
 
-class Crash:
-    name = "crash"
-    help = "CKA clustering + layer sharing"
-    config = CrashConfig
-    needs_calibration = True
-
-    def build(self, model, split, config: CrashConfig, calibration: Calibration) -> Emulator:
-        return crash_emulator(model, split, config.keep, calibration.batches)
+#: CRaSh has no setting but ``keep`` (it compares layers on up to 4096 calibration tokens).
+METHOD = SimpleMethod("crash", "CKA clustering + layer sharing", MethodConfig, True, _build)

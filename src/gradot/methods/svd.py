@@ -4,26 +4,16 @@ weight norm, the same budget in every matrix. Needs no calibration text."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import MethodConfig, same_option
-from .gradot.config import GradOTConfig, GradOTOptions
+from .base import SimpleMethod
+from .gradot.config import AblationConfig
+from .gradot.method import build_gradot_like
 
 
 @dataclass(frozen=True)
-class SVDConfig(MethodConfig):
-    top_frac: float = same_option(GradOTOptions, "top_frac")
-
-    def engine(self, selection: str = "svd") -> GradOTConfig:
-        return GradOTConfig(keep=self.keep, allocation="uniform", selection=selection, top_frac=self.top_frac)
+class SVDConfig(AblationConfig):
+    selection: ClassVar[str] = "svd"
 
 
-class SVD:
-    name = "svd"
-    help = "plain SVD + weight-norm channel pruning"
-    config = SVDConfig
-    needs_calibration = False
-
-    def build(self, model, split, config: SVDConfig, calibration=None):
-        from .gradot.method import build_gradot_like
-
-        return build_gradot_like(model, split, config, None, "svd")
+METHOD = SimpleMethod("svd", "plain SVD + weight-norm channel pruning", SVDConfig, False, build_gradot_like)

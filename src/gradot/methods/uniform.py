@@ -6,15 +6,13 @@ Selection is pure (numbers in, indices out); ``uniform_emulator`` hands the indi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..emulator import Emulator, assemble
 from ..offload import plain_copy
 from ..registry import decoder_layers
 from ..split import Split
-from .base import MethodConfig
+from .base import MethodConfig, SimpleMethod
 
 
 def layers_to_keep(n_middle: int, keep: float) -> int:
@@ -39,16 +37,6 @@ def uniform_emulator(model: nn.Module, split: Split, keep: float) -> Emulator:
     return assemble(model, split, middle, chosen, [None] * len(chosen), method="uniform", keep=keep)
 
 
-@dataclass(frozen=True)
-class UniformConfig(MethodConfig):
-    """OT† has no setting but ``keep``."""
-
-
-class Uniform:
-    name = "uniform"
-    help = "OT† layer drop"
-    config = UniformConfig
-    needs_calibration = False
-
-    def build(self, model, split, config: UniformConfig, calibration=None) -> Emulator:
-        return uniform_emulator(model, split, config.keep)
+#: OT† has no setting but ``keep``.
+METHOD = SimpleMethod("uniform", "OT† layer drop", MethodConfig, False,
+                      lambda model, split, config, calibration: uniform_emulator(model, split, config.keep))

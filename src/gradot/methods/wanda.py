@@ -4,28 +4,18 @@ by weight norm times input activation norm (from calibration text), the same bud
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import MethodConfig, same_option
-from .gradot.config import GradOTConfig, GradOTOptions
+from .base import SimpleMethod, same_option
+from .gradot.config import AblationConfig, GradOTOptions
+from .gradot.method import build_gradot_like
 
 
 @dataclass(frozen=True)
-class WandaConfig(MethodConfig):
-    top_frac: float = same_option(GradOTOptions, "top_frac")
+class WandaConfig(AblationConfig):
+    selection: ClassVar[str] = "wanda"
     gradient_checkpointing: bool = same_option(GradOTOptions, "gradient_checkpointing")
     layers_per_pass: int | None = same_option(GradOTOptions, "layers_per_pass")
 
-    def engine(self, selection: str = "wanda") -> GradOTConfig:
-        return GradOTConfig(keep=self.keep, allocation="uniform", selection=selection, top_frac=self.top_frac)
 
-
-class Wanda:
-    name = "wanda"
-    help = "plain SVD + activation-aware channel pruning"
-    config = WandaConfig
-    needs_calibration = True
-
-    def build(self, model, split, config: WandaConfig, calibration):
-        from .gradot.method import build_gradot_like
-
-        return build_gradot_like(model, split, config, calibration, "wanda")
+METHOD = SimpleMethod("wanda", "plain SVD + activation-aware channel pruning", WandaConfig, True, build_gradot_like)

@@ -54,12 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # GPT-2 style linear with an in x out weight
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the import optional
-    Conv1D = None  # type: ignore[assignment,misc]
+from ..registry import ArchSpec, arch_of, linear_shape
 
-__all__ = ["KFACFactors", "collect_kfac", "forward_backward_floor", "linear_shape"]
+
+__all__ = ["KFACFactors", "collect_kfac", "forward_backward_floor"]
 
 
 @dataclass
@@ -81,20 +79,6 @@ class KFACFactors:
     grad: Tensor | None
     n_tokens: int
     n_loss_tokens: int
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    return Conv1D is not None and isinstance(m, Conv1D)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if _is_conv1d(module):
-        n_in, n_out = module.weight.shape
-        return n_out, n_in
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +310,10 @@ class _Collector:
     address cannot be reused by another tensor meanwhile.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], shared_inputs: bool, gradients: bool = True):
+    def __init__(self, modules: Mapping[str, nn.Module], shared_inputs: bool, gradients: bool, arch: ArchSpec):
         self.shared_inputs = shared_inputs
         self.gradients = gradients
-        self.stats = {name: _Stats(name, *linear_shape(m)) for name, m in modules.items()}
+        self.stats = {name: _Stats(name, *linear_shape(m, arch)) for name, m in modules.items()}
         self.mask: Tensor | None = None  # flat boolean mask of the current batch's real tokens
         self.n_real = 0  # number of True entries in mask
         self.in_backward = False
@@ -505,9 +489,10 @@ def collect_kfac(
     ``.grad`` on any parameter); its ``requires_grad`` flags, training modes and checkpointing
     setting are restored afterwards.
     """
+    arch = arch_of(model)
     for m in modules.values():
-        linear_shape(m)  # type check with a clear error
-    collector = _Collector(modules, shared_inputs, gradients)
+        linear_shape(m, arch)  # type check with a clear error
+    collector = _Collector(modules, shared_inputs, gradients, arch)
     device = _input_device(model)
     handles = []
     with _frozen_eval(model):

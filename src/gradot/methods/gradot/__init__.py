@@ -3,9 +3,9 @@ allocate the parameter budget (``allocate``), cut (``method``); ``config`` holds
 ``auto_lambda`` the automatic choice of λ."""
 
 from .allocate import Plan, allocate_global, allocate_uniform
-from .config import ALLOCATIONS, SELECTIONS, GradOTConfig, GradOTOptions
+from .config import ALLOCATIONS, SELECTIONS, AblationConfig, GradOTConfig, GradOTOptions
 from .build import build_from_plan, gradot_emulator
-from .method import GradOT, build_gradot_like
+from .method import GRADOT, build_gradot_like
 from .units import (
     LayerScores,
     MatrixScores,
@@ -17,6 +17,6 @@ from .units import (
     score_middle,
 )
 
-__all__ = ["ALLOCATIONS", "SELECTIONS", "GradOT", "GradOTConfig", "GradOTOptions", "LayerScores", "MLPScores",
+__all__ = ["ALLOCATIONS", "SELECTIONS", "GRADOT", "AblationConfig", "GradOTConfig", "GradOTOptions", "LayerScores", "MLPScores",
            "MatrixScores", "Plan", "allocate_global", "allocate_uniform", "build_from_plan", "build_gradot_like",
            "collect_and_score", "gradot_emulator", "middle_linears", "needs_gradients", "rescore", "score_middle"]

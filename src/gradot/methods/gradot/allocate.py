@@ -75,11 +75,12 @@ def allocate_uniform(scores: list[LayerScores], target: int) -> Plan:
     return plan
 
 
-def allocate_global(scores: list[LayerScores], target: int, layers: bool = False) -> Plan:
-    """Remove, across the whole middle block, the units with the lowest curvature cost per
-    parameter saved until the block fits ``target``: singular components, MLP channels and (with
-    ``layers``) whole layers. A matrix whose remaining rank saves nothing is stored dense."""
-    candidates = []  # (cost per parameter, kind, layer, detail)
+def _removal_candidates(scores: list[LayerScores], layers: bool) -> list[tuple]:
+    """Every removable unit as ``(cost per parameter saved, kind, layer, detail)``, cheapest first:
+    singular components beyond the protected ones, channels beyond one per MLP, and (``layers``)
+    whole layers. On equal cost per parameter a whole layer goes first: same damage, a shallower
+    (faster) emulator."""
+    candidates = []
     for li, ls in enumerate(scores):
         for mi, m in enumerate(ls.attn):
             order = m.keep_order[m.protected:]
@@ -91,9 +92,15 @@ def allocate_global(scores: list[LayerScores], target: int, layers: bool = False
         candidates += [(c, "channel", li, ch) for c, ch in zip(per_param, order.tolist())]
         if layers and len(scores) > 1:
             candidates.append((ls.cost / ls.params, "layer", li, None))
-    # On equal cost per parameter a whole layer goes first: same damage, a shallower (faster) emulator.
     candidates.sort(key=lambda c: (c[0], c[1] != "layer"))
+    return candidates
 
+
+def allocate_global(scores: list[LayerScores], target: int, layers: bool = False) -> Plan:
+    """Remove, across the whole middle block, the units with the lowest curvature cost per
+    parameter saved until the block fits ``target``: singular components, MLP channels and (with
+    ``layers``) whole layers. A matrix whose remaining rank saves nothing is stored dense."""
+    candidates = _removal_candidates(scores, layers)
     full_rank = [[len(m.svd.S) for m in ls.attn] for ls in scores]
     rank = [list(r) for r in full_rank]
     channels = [ls.mlp.channels for ls in scores]

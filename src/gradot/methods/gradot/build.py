@@ -30,7 +30,7 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
             r = plan.ranks[ls.index][m.name]
             if r is not None:
                 keep = m.keep_order[:r].sort().values
-                set_module(layer, m.name, to_lowrank(get_module(layer, m.name), m.svd.U, m.svd.S, m.svd.Vh, keep))
+                set_module(layer, m.name, to_lowrank(get_module(layer, m.name), arch, m.svd.U, m.svd.S, m.svd.Vh, keep))
         c = plan.channels[ls.index]
         if c < ls.mlp.channels:
             prune_mlp_channels(layer, arch, ls.mlp.keep_order[:c])

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...errors import MethodConfigError
-from ..base import MethodConfig, option
+from ..base import MethodConfig, option, same_option
 
 ALLOCATIONS = ("uniform", "global", "global-layers")
 SELECTIONS = ("gcs", "svd", "wanda")
@@ -55,10 +56,21 @@ class GradOTOptions(MethodConfig):
         if self.auto_lambda is not None and self.layers_per_pass:
             raise MethodConfigError("--auto-lambda needs every layer's statistics at once; drop --layers-per-pass")
 
-    def engine(self, selection: str = "gcs") -> GradOTConfig:
-        """The scoring/allocation settings; the svd and wanda ablations use no λ and the uniform allocation."""
-        gcs = selection == "gcs"
-        return GradOTConfig(keep=self.keep, lambda_attn=self.lambda_attn if gcs else 0.0,
-                            lambda_mlp=self.lambda_mlp if gcs else 0.0,
-                            allocation=self.allocation if gcs else "uniform", selection=selection,
-                            top_frac=self.top_frac)
+    selection: ClassVar[str] = "gcs"
+
+    def engine(self) -> GradOTConfig:
+        """The scoring, allocation and surgery settings."""
+        return GradOTConfig(keep=self.keep, lambda_attn=self.lambda_attn, lambda_mlp=self.lambda_mlp,
+                            allocation=self.allocation, selection=self.selection, top_frac=self.top_frac)
+
+
+@dataclass(frozen=True)
+class AblationConfig(MethodConfig):
+    """GradOT's ablations (svd, wanda; ``selection`` names which): no λ, no curvature cost to compare
+    matrices with, so the same keep ratio in every matrix."""
+
+    selection: ClassVar[str]
+    top_frac: float = same_option(GradOTOptions, "top_frac")
+
+    def engine(self) -> GradOTConfig:
+        return GradOTConfig(keep=self.keep, allocation="uniform", selection=self.selection, top_frac=self.top_frac)

@@ -9,18 +9,20 @@ from ...emulator import Emulator
 from ...split import Split
 from .auto_lambda import choose_lambda
 from .build import gradot_emulator
+from ..base import SimpleMethod
 from .config import GradOTOptions
 
 
-def build_gradot_like(model: nn.Module, split: Split, options, calibration, selection: str) -> Emulator:
-    """The emulator of GradOT (``selection`` gcs) or of one of its ablations (svd, wanda): factors
-    from ``calibration`` (none for svd), scores, allocation, surgery; ``options`` a
-    ``GradOTOptions`` (or a config with its ``top_frac`` and, for wanda, the statistics options)."""
+def build_gradot_like(model: nn.Module, split: Split, options, calibration) -> Emulator:
+    """The emulator of GradOT or of one of its ablations, by ``options``' class (``GradOTOptions``,
+    ``AblationConfig``: its ``selection``): factors from ``calibration`` (none for svd), scores,
+    allocation, surgery."""
     from ...progress import stage
     from ...stats.kfac import collect_kfac
     from .units import collect_and_score, middle_linears, needs_gradients
 
-    cfg = options.engine(selection)
+    cfg = options.engine()
+    selection = cfg.selection
     factors, scores, settings = None, None, {}
     auto = getattr(options, "auto_lambda", None) is not None
     layers_per_pass = getattr(options, "layers_per_pass", None)
@@ -44,11 +46,5 @@ def build_gradot_like(model: nn.Module, split: Split, options, calibration, sele
 _NAMES = {"gcs": "gradot", "svd": "svd", "wanda": "wanda"}
 
 
-class GradOT:
-    name = "gradot"
-    help = "KFAC gradient-preserving rank decomposition + channel pruning"
-    config = GradOTOptions
-    needs_calibration = True
-
-    def build(self, model, split, config: GradOTOptions, calibration) -> Emulator:
-        return build_gradot_like(model, split, config, calibration, "gcs")
+GRADOT = SimpleMethod("gradot", "KFAC gradient-preserving rank decomposition + channel pruning", GradOTOptions, True,
+                      build_gradot_like)

@@ -116,6 +116,12 @@ class DRDScores:
     lam: float
 
 
+def _scales(hess: Tensor, first: Tensor) -> dict[str, float]:
+    """Each term's mean |value| (what the GCS divides it by) and median |value| (diagnostics)."""
+    return {"scale_hess": mean_abs_scale(hess), "scale_first": mean_abs_scale(first),
+            "robust_scale_hess": median_abs_scale(hess), "robust_scale_first": median_abs_scale(first)}
+
+
 def _gcs(hess: Tensor, first: Tensor, scale_hess: float, scale_first: float, lam: float) -> Tensor:
     return hess / scale_hess - lam * first / scale_first
 
@@ -170,21 +176,9 @@ def drd_scores(W: Tensor, A: Tensor, G: Tensor, grad: Tensor, lam: float) -> DRD
     # u_j^T grad v_j for all j at once: row j of (U^T grad) dotted with row j of Vh.
     first = -S * ((U.T @ grad) * Vh).sum(dim=1)
 
-    sh, sf = mean_abs_scale(hess), mean_abs_scale(first)
-    gcs = _gcs(hess, first, sh, sf, lam)
-    return DRDScores(
-        U=U,
-        S=S,
-        Vh=Vh,
-        hess=hess,
-        first=first,
-        gcs=gcs,
-        scale_hess=sh,
-        scale_first=sf,
-        robust_scale_hess=median_abs_scale(hess),
-        robust_scale_first=median_abs_scale(first),
-        lam=float(lam),
-    )
+    scales = _scales(hess, first)
+    gcs = _gcs(hess, first, scales["scale_hess"], scales["scale_first"], lam)
+    return DRDScores(U=U, S=S, Vh=Vh, hess=hess, first=first, gcs=gcs, lam=float(lam), **scales)
 
 
 def protected_count(n: int, top_frac: float, rank: int) -> int:
@@ -256,32 +250,31 @@ class SCPScores:
     lam: float
 
 
-def _in_proj_terms(W: Tensor, A: Tensor, G: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Terms for zeroing row ``c`` of an in-projection: ``Delta = -e_c w_c^T``."""
+def _checked_projection(which: str, W: Tensor, A: Tensor, G: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
+    """``(W, A, G, grad)`` in float32, their shapes checked against ``W`` (``which``: in or down)."""
     W, A, G, grad = _f32(W), _f32(A), _f32(G), _f32(grad)
     n_out, n_in = W.shape
-    _check_square("A_in", A, n_in)
-    _check_square("G_in", G, n_out)
+    _check_square(f"A_{which}", A, n_in)
+    _check_square(f"G_{which}", G, n_out)
     if grad.shape != W.shape:
-        raise ValueError(f"grad_in must have W_in's shape {tuple(W.shape)}, got {tuple(grad.shape)}")
+        raise ValueError(f"grad_{which} must have W_{which}'s shape {tuple(W.shape)}, got {tuple(grad.shape)}")
+    return W, A, G, grad
+
+
+def _in_proj_terms(W: Tensor, A: Tensor, G: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Terms for zeroing row ``c`` of an in-projection: ``Delta = -e_c w_c^T``."""
+    W, A, G, grad = _checked_projection("in", W, A, G, grad)
     # ||G[:, c]||_1 * ||A w_c||_1; column c of A @ W^T is A w_c.
     hess = G.abs().sum(dim=0) * (A @ W.T).abs().sum(dim=0)
-    first = -(grad * W).sum(dim=1)
-    return hess, first
+    return hess, -(grad * W).sum(dim=1)
 
 
 def _down_proj_terms(W: Tensor, A: Tensor, G: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """Terms for zeroing column ``c`` of the down projection: ``Delta = -d_c e_c^T``."""
-    W, A, G, grad = _f32(W), _f32(A), _f32(G), _f32(grad)
-    n_out, n_in = W.shape
-    _check_square("A_down", A, n_in)
-    _check_square("G_down", G, n_out)
-    if grad.shape != W.shape:
-        raise ValueError(f"grad_down must have W_down's shape {tuple(W.shape)}, got {tuple(grad.shape)}")
+    W, A, G, grad = _checked_projection("down", W, A, G, grad)
     # ||G d_c||_1 * ||A[c, :]||_1; column c of G @ W is G d_c.
     hess = (G @ W).abs().sum(dim=0) * A.abs().sum(dim=1)
-    first = -(grad * W).sum(dim=0)
-    return hess, first
+    return hess, -(grad * W).sum(dim=0)
 
 
 def scp_scores(ins: Sequence[Projection], out: Projection, lam: float) -> SCPScores:
@@ -320,19 +313,10 @@ def scp_scores(ins: Sequence[Projection], out: Projection, lam: float) -> SCPSco
 
     hess = torch.stack(hess_parts).sum(dim=0)
     first = torch.stack(first_parts).sum(dim=0)
-    sh, sf = mean_abs_scale(hess), mean_abs_scale(first)
-    return SCPScores(
-        hess=hess,
-        first=first,
-        gcs=_gcs(hess, first, sh, sf, lam),
-        hess_parts=hess_parts,
-        first_parts=first_parts,
-        scale_hess=sh,
-        scale_first=sf,
-        robust_scale_hess=median_abs_scale(hess),
-        robust_scale_first=median_abs_scale(first),
-        lam=float(lam),
-    )
+    scales = _scales(hess, first)
+    gcs = _gcs(hess, first, scales["scale_hess"], scales["scale_first"], lam)
+    return SCPScores(hess=hess, first=first, gcs=gcs, hess_parts=hess_parts, first_parts=first_parts, lam=float(lam),
+                     **scales)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ...offload import onloaded
-from ...registry import ArchSpec, arch_of, decoder_layers, get_module
+from ...registry import ArchSpec, arch_of, decoder_layers, get_module, linear_shape, weight_out_in
 from ...split import Split
-from ...surgery import dense_weight, linear_shape
 from .config import GradOTConfig
 from .scores import (
     DRDScores,
@@ -94,9 +93,10 @@ def _grad(f, W: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.zeros(W.shape, dtype=torch.float32, device=f.G.device)
 
 
-def _matrix_scores(name, module, f, lam, cfg: GradOTConfig) -> MatrixScores:
-    in_f, out_f, bias = linear_shape(module)
-    W = dense_weight(module).detach()
+def _matrix_scores(name, module, arch: ArchSpec, f, lam, cfg: GradOTConfig) -> MatrixScores:
+    out_f, in_f = linear_shape(module, arch)
+    bias = module.bias is not None
+    W = weight_out_in(module, arch).detach()
     if f is None:  # svd ablation: no statistics needed
         U, S, Vh = thin_svd(W.float())
         svd = DRDScores(U, S, Vh, S, torch.zeros_like(S), S, 1.0, 1.0, 1.0, 1.0, 0.0)
@@ -122,8 +122,8 @@ def _order_components(m: MatrixScores, cfg: GradOTConfig) -> MatrixScores:
 def _mlp_scores(layer, arch: ArchSpec, factors, cfg: GradOTConfig, prefix: str) -> MLPScores:
     ins = [get_module(layer, n) for n in arch.mlp_in]
     down = get_module(layer, arch.mlp_out)
-    W_ins = [dense_weight(m).detach() for m in ins]
-    W_down = dense_weight(down).detach()
+    W_ins = [weight_out_in(m, arch).detach() for m in ins]
+    W_down = weight_out_in(down, arch).detach()
     channels = W_down.shape[1]
     per_channel = sum(W.shape[1] + (m.bias is not None) for W, m in zip(W_ins, ins)) + W_down.shape[0]
     if cfg.selection == "svd":
@@ -147,9 +147,9 @@ def _order_channels(m: MLPScores) -> MLPScores:
     return replace(m, keep_order=m.scp.gcs.argsort(descending=True), cost=m.scp.gcs * m.scp.scale_hess)
 
 
-def _removal_terms(module, f, ratio: float) -> RemovalTerms:
+def _removal_terms(module, arch: ArchSpec, f, ratio: float) -> RemovalTerms:
     """Terms of zeroing a whole linear: ``||G W A||_1`` and ``<grad, -W>`` (0 without gradients)."""
-    W = dense_weight(module).detach().float()
+    W = weight_out_in(module, arch).detach().float()
     hess = float((f.G @ W @ f.A).abs().sum())
     first = float(-(f.grad * W).sum()) if f.grad is not None else 0.0
     return RemovalTerms(hess, first, ratio)
@@ -175,7 +175,7 @@ def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: Grad
 def _layer_scores(i: int, layer: nn.Module, arch: ArchSpec, factors: dict | None, cfg: GradOTConfig) -> LayerScores:
     prefix = f"{arch.layers}.{i}."
     attn = [
-        _matrix_scores(n, get_module(layer, n), factors[prefix + n] if factors and cfg.selection == "gcs" else None,
+        _matrix_scores(n, get_module(layer, n), arch, factors[prefix + n] if factors and cfg.selection == "gcs" else None,
                        cfg.lambda_attn, cfg)
         for n in arch.attn_linears
     ]
@@ -188,10 +188,10 @@ def _layer_scores(i: int, layer: nn.Module, arch: ArchSpec, factors: dict | None
         if cfg.allocation == "global-layers":
             o = next(m for m in attn if m.name == arch.attn_out[-1])
             scored.removal = (
-                _removal_terms(get_module(layer, arch.attn_out[-1]), factors[prefix + arch.attn_out[-1]],
+                _removal_terms(get_module(layer, arch.attn_out[-1]), arch, factors[prefix + arch.attn_out[-1]],
                                o.svd.scale_hess / o.svd.scale_first),
                 # λ is normalised like the channels' (the units a layer competes with)
-                _removal_terms(get_module(layer, arch.mlp_out), factors[prefix + arch.mlp_out],
+                _removal_terms(get_module(layer, arch.mlp_out), arch, factors[prefix + arch.mlp_out],
                                mlp.scp.scale_hess / mlp.scp.scale_first),
             )
             scored.cost = _layer_cost(scored, cfg)
