@@ -749,14 +749,14 @@ def test_a_write_failing_midway_leaves_the_existing_directory_untouched(shipped,
                                                                         interruption):
     model, _ = shipped
     before = snapshot(emulator_dir)
-    real_save = artifacts.save_file
+    real_save = artifacts.files.save_file
 
     def fail_midway(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # half-written ...
         raise interruption  # ... when the disk fills up or the user presses Ctrl-C
 
-    monkeypatch.setattr(artifacts, "save_file", fail_midway)
+    monkeypatch.setattr(artifacts.files, "save_file", fail_midway)
     emu = uniform_emulator(model, split_model(model, 2), 0.25)
     with pytest.raises(type(interruption)):
         save_emulator(emu, emulator_dir, overwrite=True)
@@ -1111,7 +1111,7 @@ def test_an_adapter_from_a_bfloat16_compression_plugs_into_the_float32_model(tmp
 
 
 def test_config_swapped_after_its_hash_check_is_refused(emulator_dir, monkeypatch):
-    checked = artifacts._check_hash
+    checked = artifacts.files._check_hash
 
     def check_then_swap(folder, name, entry):
         path = checked(folder, name, entry)
@@ -1119,7 +1119,8 @@ def test_config_swapped_after_its_hash_check_is_refused(emulator_dir, monkeypatc
             (folder / CFG).write_text(json.dumps({**json.loads((folder / CFG).read_text()), "vocab_size": 7}))
         return path
 
-    monkeypatch.setattr(artifacts, "_check_hash", check_then_swap)
+    for module in (artifacts.files, artifacts.emulator_io, artifacts.tokenizer):  # every caller's name for it
+        monkeypatch.setattr(module, "_check_hash", check_then_swap)
     with pytest.raises(ArtifactError, match="config.json: content hash does not match") as exc:
         load_emulator(emulator_dir)
     assert_clean(exc.value, emulator_dir)
@@ -1552,7 +1553,7 @@ def test_a_kill_between_the_renames_of_overwrite_loses_neither_copy(shipped, emu
     place; a run killed between the two renames leaves no ``out``, and the next claim restores it."""
     model, _ = shipped
     before = snapshot(emulator_dir)
-    monkeypatch.setattr(artifacts, "_renameat2", lambda src, dst, flags: False)
+    monkeypatch.setattr(artifacts.files, "_renameat2", lambda src, dst, flags: False)
     real_replace = os.replace
 
     def killed_after_first(src, dst):
@@ -1560,10 +1561,10 @@ def test_a_kill_between_the_renames_of_overwrite_loses_neither_copy(shipped, emu
         if Path(dst).name.startswith(f".{emulator_dir.name}.old-"):
             raise KeyboardInterrupt("kill -9 between the two renames")
 
-    monkeypatch.setattr(artifacts.os, "replace", killed_after_first)
+    monkeypatch.setattr(os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         save_emulator(uniform_emulator(model, split_model(model, 2), 0.25), emulator_dir, overwrite=True)
-    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not emulator_dir.exists() and any(n.startswith(f".{emulator_dir.name}.old-") for n in leftovers(emulator_dir))
     with artifacts.claim_output(emulator_dir, overwrite=True):  # the next run on that --out
         pass

@@ -1,55 +1,11 @@
-"""Fine-tuning with transformers' ``Trainer``: the adapter on an emulator, or a whole model (Full FT).
-
-The data owner's step of offsite-tuning (docs/method.md, section 1, step 3): only the adapter layers (the bottom
-and top ``k`` decoder layers, ``Emulator.adapter_parameters()``) are trained; embeddings, final norm,
-head and the compressed middle stay frozen. ``finetune_full`` trains every parameter of an original
-model, the "Full FT" upper bound of the result tables (docs/method.md, section 1).
-
-Training runs through ``transformers.Trainer``, so ``accelerate launch`` (multi-GPU DDP), bf16,
-gradient accumulation, its tqdm progress bar and its log history work unchanged. The loss applies
-the LM head only at labelled positions, in chunks (:mod:`gradot.head_loss`, the model's own loss to
-float rounding; ``FinetuneConfig.head_at_labels=False`` for the model's full-logits loss).
-
-Data
-----
-``records`` is a list whose items are either
-
-* ``(prompt, continuation)`` pairs, e.g. ``("Question: capital of France?\\nAnswer:", " Paris")``:
-  the loss is on the continuation tokens only (labels are -100 on the prompt and on padding), or
-* plain strings: language-modelling loss on every token. A string longer than ``max_length``
-  tokens is cut into consecutive windows of ``max_length`` tokens.
-
-A pair is tokenized exactly as lm-evaluation-harness (0.4.x, causal models) encodes a
-context/continuation pair for scoring: trailing whitespace of the prompt moves to the continuation,
-``prompt + continuation`` and ``prompt`` are encoded with the tokenizer's default special tokens,
-and the continuation's ids are the whole encoding minus the prompt's length. The model is therefore
-trained on the very token sequence it is scored on. Sequences longer than ``max_length`` are
-truncated from the LEFT (the start of the prompt goes first), as the harness does.
-
-Checkpoints and resuming
-------------------------
-Checkpoints (``output_dir/checkpoint-<step>``, every ``save_steps`` and at the end) hold only the
-TRAINABLE parameters, in ``trainable.safetensors``: the adapter (or the LoRA matrices) rather than
-the whole emulator, which is faster and sidesteps safetensors' refusal of shared tensors (tied
-embeddings, CRaSh layer sharing). ``resume=True`` restores them from the newest complete checkpoint,
-together with the optimizer, scheduler, RNG states and data position, and ends with the same weights
-as an uninterrupted run of the same seed. The optimizer, scheduler and RNG files
-(``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``) are the ``Trainer``'s own, written by it into
-the checkpoint and read back by it with ``torch.load(weights_only=True)``; model weights are never
-read from a pickle, and no ``training_args.bin`` pickle is written.
-
-``output_dir/gradot_run.json`` records the settings and a hash of the data the checkpoints were
-trained with. A run refuses a folder holding checkpoints unless it resumes, and a resume refuses
-checkpoints trained with other settings or data (either would silently mix two runs); only the
-length (``max_steps``, ``epochs``) may change on resume.
-"""
+"""Training with transformers' ``Trainer``: the config, the run (with its settings recorded and
+checked on resume), LoRA on the adapter layers, ``finetune_adapter`` and ``finetune_full``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -60,36 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .emulator import Emulator
-from .head_loss import HeadAtLabels
-from .registry import arch_of, decoder_layers, is_linear
-from .errors import CheckpointConflictError  # noqa: F401  (re-exported)
+from ..emulator import Emulator
+from ..errors import CheckpointConflictError
+from ..head_loss import HeadAtLabels
+from ..registry import arch_of, decoder_layers, is_linear
+from .checkpoints import RUN_FILE, last_checkpoint, load_trainable, save_trainable, trainable_parameters
+from .data import CausalLMCollator, FinetuneDataset, pad_token_id
+
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FULL_LR",
-    "TASK_LR",
-    "TRAINABLE_FILE",
-    "CausalLMCollator",
-    "CheckpointConflictError",
-    "FinetuneConfig",
-    "FinetuneDataset",
-    "default_learning_rate",
-    "encode_pair",
-    "finetune_adapter",
-    "finetune_full",
-    "last_checkpoint",
-    "load_trainable",
-    "lora_target_modules",
-    "output_head",
-    "pad_token_id",
-    "remove_checkpoints",
-    "run_loss",
-    "save_trainable",
-    "task_records",
-    "trainable_parameters",
-]
 
 #: Default adapter learning rate per task (used when ``FinetuneConfig.learning_rate`` is None).
 #: 1e-4 is offsite-tuning's adapter learning rate; no per-task tuning has been done yet.
@@ -105,17 +41,16 @@ TASK_LR: dict[str, float] = {
     "race": 1e-4,
 }
 
+
 #: Default learning rate for full fine-tuning (every parameter moves, so a lower rate).
 FULL_LR: dict[str, float] = {"default": 2e-5}
 
-#: File name of the trainable parameters inside a checkpoint folder.
-TRAINABLE_FILE = "trainable.safetensors"
-_TRAINER_STATE = "trainer_state.json"
-#: The settings (and a hash of the data) the checkpoints in ``output_dir`` were trained with.
-RUN_FILE = "gradot_run.json"
+
 #: Settings that do not change what is trained: where and how often to save or log, whether to resume,
 #: how the loss is computed (the same loss either way, to float rounding).
 _BOOKKEEPING = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "resume", "head_at_labels")
+
+
 #: Settings a resumed run may change: how long to train.
 _LENGTH = ("max_steps", "epochs")
 
@@ -123,10 +58,6 @@ _LENGTH = ("max_steps", "epochs")
 def default_learning_rate(task: str | None, full: bool = False) -> float:
     table = FULL_LR if full else TASK_LR
     return table.get(task or "default", table["default"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
 
 
 def _help(text: str) -> dict[str, str]:
@@ -200,242 +131,6 @@ class FinetuneConfig:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def encode_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, continuation_ids)`` as lm-evaluation-harness encodes a causal LM request.
-
-    Mirrors ``lm_eval.api.model.TemplateLM._encode_pair`` with the harness's default special
-    tokens: trailing whitespace of the prompt moves to the continuation; the continuation's ids are
-    ``encode(prompt + continuation)`` minus the first ``len(encode(prompt))`` ids. An empty prompt
-    becomes the model's prefix token (BOS, else EOS), as in the harness.
-    """
-    if not prompt:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError("an empty prompt needs a tokenizer with a BOS or EOS token")
-        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    n_spaces = len(prompt) - len(prompt.rstrip())
-    if n_spaces:
-        continuation = prompt[-n_spaces:] + continuation
-        prompt = prompt[:-n_spaces]
-    whole = tokenizer(prompt + continuation)["input_ids"]
-    context = tokenizer(prompt)["input_ids"]
-    return context, whole[len(context):]
-
-
-def _is_pair(record: Any) -> bool:
-    return isinstance(record, (tuple, list)) and len(record) == 2 and all(isinstance(x, str) for x in record)
-
-
-class FinetuneDataset(torch.utils.data.Dataset):
-    """Tokenized training examples: ``{"input_ids": [...], "labels": [...]}`` per item.
-
-    ``labels`` is -100 wherever no loss is wanted (the prompt of a pair). The model shifts labels
-    itself, so ``labels[i]`` is the target predicted at position ``i - 1``.
-    """
-
-    def __init__(self, tokenizer, records: Sequence, max_length: int = 256):
-        if isinstance(records, (str, bytes)):
-            raise ValueError("records: expected a list of (prompt, continuation) pairs or texts, got one string")
-        records = list(records)
-        if not records:
-            raise ValueError("records: expected a non-empty list of (prompt, continuation) pairs or texts")
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
-        self.max_length = max_length
-        self.examples: list[tuple[list[int], list[int]]] = []
-        self.kinds = set()
-        for i, record in enumerate(records):
-            if _is_pair(record):
-                prompt, continuation = record
-                ctx, cont = encode_pair(tokenizer, prompt, continuation)
-                if not cont:
-                    raise ValueError(f"record {i}: continuation {continuation!r} encodes to no tokens")
-                ids = (ctx + cont)[-max_length:]
-                labels = ([-100] * len(ctx) + cont)[-max_length:]
-                self.examples.append((ids, labels))
-                self.kinds.add("pairs")
-            elif isinstance(record, str):
-                ids = tokenizer(record)["input_ids"]
-                if len(ids) < 2:
-                    raise ValueError(f"record {i}: text {record[:40]!r} has fewer than 2 tokens (nothing to predict)")
-                for start in range(0, len(ids), max_length):
-                    window = ids[start:start + max_length]
-                    if len(window) >= 2:  # a lone trailing token has no target inside its window
-                        self.examples.append((window, list(window)))
-                self.kinds.add("text")
-            else:
-                raise ValueError(
-                    f"record {i}: expected a (prompt, continuation) pair of strings or a string, got {type(record).__name__}"
-                )
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        ids, labels = self.examples[i]
-        return {"input_ids": ids, "labels": labels}
-
-    @property
-    def loss_tokens(self) -> int:
-        """Tokens that carry loss (the first position of a sequence never does: nothing precedes it)."""
-        return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in self.examples)
-
-
-@dataclass
-class CausalLMCollator:
-    """Right-pads a batch: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, plus ``attention_mask``."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(features)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, length), -100, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        for row, f in enumerate(features):
-            k = len(f["input_ids"])
-            input_ids[row, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
-            labels[row, :k] = torch.tensor(f["labels"], dtype=torch.long)
-            mask[row, :k] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, else EOS, else 0 (padded positions are masked and carry no loss)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def task_records(examples) -> list[tuple[str, str]]:
-    """``(prompt, gold continuation)`` pairs from ``gradot.tasks`` examples (``load_task``)."""
-    return [(e.prompt, e.continuation()) for e in examples]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of the trainable parameters only
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters by name, each shared parameter once (``named_parameters`` dedups)."""
-    return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-
-
-def save_trainable(model: nn.Module, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write the trainable parameters to ``folder/trainable.safetensors`` (atomically)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = trainable_parameters(model)
-    source = state_dict if state_dict is not None else params
-    tensors, pointers = {}, set()
-    for name in params:
-        if name not in source:
-            raise RuntimeError(f"checkpoint: trainable parameter {name} missing from the state dict to save")
-        t = source[name].detach().to("cpu").contiguous()
-        if t.data_ptr() in pointers:  # safetensors refuses tensors sharing memory
-            t = t.clone()
-        pointers.add(t.data_ptr())
-        tensors[name] = t
-    path = folder / TRAINABLE_FILE
-    tmp = folder / f".{TRAINABLE_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "content": "gradot trainable parameters"})
-    os.replace(tmp, path)
-    return path
-
-
-def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Copy a checkpoint's trainable parameters into ``model``; names, shapes must match exactly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(folder) / TRAINABLE_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (not a gradot fine-tuning checkpoint)")
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except SafetensorError as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    params = trainable_parameters(model)
-    if set(tensors) != set(params):
-        extra, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
-        raise ValueError(
-            f"{path}: parameters do not match this run's trainable parameters "
-            f"(unexpected: {extra[:3]}, missing: {missing[:3]}); was it written with other settings (LoRA, full)?"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            t = tensors[name]
-            if t.shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {list(t.shape)}, the model expects {list(p.shape)}")
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-
-
-def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest COMPLETE checkpoint in ``output_dir`` (weights and trainer state written), or None."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        step = child.name.removeprefix("checkpoint-")
-        if child.is_dir() and step != child.name and step.isdigit():
-            if (child / TRAINABLE_FILE).is_file() and (child / _TRAINER_STATE).is_file():
-                found.append((int(step), child))
-    torn = []
-    for _, child in sorted(found, reverse=True):
-        if _readable_state(child / _TRAINER_STATE):
-            if torn:
-                log.warning("%s: trainer state unreadable (a write was interrupted); using %s instead",
-                            ", ".join(torn), child.name)
-            return child
-        torn.append(child.name)
-    if torn:
-        log.warning("%s: trainer state unreadable (a write was interrupted); no complete checkpoint left",
-                    ", ".join(torn))
-    return None
-
-
-def _readable_state(path: Path) -> bool:
-    """A kill during the Trainer's own (non-atomic) write leaves trainer_state.json torn."""
-    try:
-        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def remove_checkpoints(output_dir: str | os.PathLike) -> None:
-    """Delete a run's checkpoints (``checkpoint-*`` folders and the run record) from ``output_dir``,
-    and the folder itself when nothing else is left in it (nothing else is ever deleted)."""
-    import shutil
-
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return
-    for child in folder.iterdir():
-        if child.is_dir() and child.name.startswith("checkpoint-"):
-            shutil.rmtree(child)
-    (folder / RUN_FILE).unlink(missing_ok=True)
-    if not any(folder.iterdir()):
-        folder.rmdir()
-
-
 def run_loss(log_history: Sequence[dict]) -> float | None:
     """The mean training loss over every step of the run, from the Trainer's log history.
 
@@ -456,7 +151,7 @@ def _labelled_progress(label: str):
     from tqdm.auto import tqdm
     from transformers.trainer_callback import ProgressCallback
 
-    from .progress import verbose
+    from ..progress import verbose
 
     class LabelledProgress(ProgressCallback):
         """The Trainer's bar, named (``training adapter on piqa``), the latest loss beside it; the
@@ -546,10 +241,6 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA
-
-
 def lora_target_modules(model: nn.Module, positions: Sequence[int]) -> list[str]:
     """Full names of every linear (``nn.Linear`` or GPT-2 ``Conv1D``) in the decoder layers at
     ``positions``, e.g. ``model.layers.0.self_attn.q_proj``."""
@@ -580,10 +271,6 @@ def _with_lora(model: nn.Module, positions: Sequence[int], cfg: FinetuneConfig) 
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
 
 
 def _bf16_on_cpu(cfg: FinetuneConfig) -> bool:
