@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .freezing import requiring_grad
 from .registry import decoder_layers
 
 
@@ -34,24 +35,18 @@ def _adapter_params(model: nn.Module, positions: Sequence[int]) -> list[nn.Param
 def adapter_gradients(model: nn.Module, positions: Sequence[int], batches, desc: str = "adapter gradients") -> list[torch.Tensor]:
     """Flattened gradient of the loss w.r.t. the adapter layers' parameters, one vector per batch."""
     params = _adapter_params(model, positions)
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     was_training = model.training
     model.eval()
     device = params[0].device
     out = []
     try:
-        for batch in tqdm(batches, desc=desc, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch, use_cache=False).loss
-            grads = torch.autograd.grad(loss, params)
-            out.append(torch.cat([g.reshape(-1).float().cpu() for g in grads]))
+        with requiring_grad(model, params):
+            for batch in tqdm(batches, desc=desc, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch, use_cache=False).loss
+                grads = torch.autograd.grad(loss, params)
+                out.append(torch.cat([g.reshape(-1).float().cpu() for g in grads]))
     finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
         model.train(was_training)
     return out
 

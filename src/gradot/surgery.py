@@ -50,8 +50,8 @@ class LowRankLinear(nn.Module):
 
 
 def to_lowrank(module: nn.Module, arch: ArchSpec, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
-               keep: torch.Tensor) -> LowRankLinear:
-    """Factor ``module`` keeping singular components ``keep`` of ``W = U diag(S) Vh``.
+               kept: torch.Tensor) -> LowRankLinear:
+    """Factor ``module`` keeping the singular components at indices ``kept`` of ``W = U diag(S) Vh``.
 
     ``B = S^½ Vh`` and ``C = U S^½`` share the singular values evenly, which keeps both factors
     on the same scale for fine-tuning and low-precision storage.
@@ -59,11 +59,11 @@ def to_lowrank(module: nn.Module, arch: ArchSpec, U: torch.Tensor, S: torch.Tens
     out_f, in_f = linear_shape(module, arch)
     has_bias = module.bias is not None
     w = weight_out_in(module, arch)
-    root = S[keep].sqrt()
-    new = LowRankLinear(in_f, len(keep), out_f, has_bias, dtype=w.dtype, device=w.device, init=False)
+    root = S[kept].sqrt()
+    new = LowRankLinear(in_f, len(kept), out_f, has_bias, dtype=w.dtype, device=w.device, init=False)
     with torch.no_grad():
-        new.down.weight.copy_((root[:, None] * Vh[keep]).to(w.dtype))
-        new.up.weight.copy_((U[:, keep] * root[None, :]).to(w.dtype))
+        new.down.weight.copy_((root[:, None] * Vh[kept]).to(w.dtype))
+        new.up.weight.copy_((U[:, kept] * root[None, :]).to(w.dtype))
         if has_bias:
             new.up.bias.copy_(module.bias)
     return new
@@ -78,14 +78,14 @@ def lowrank_saves_params(in_f: int, out_f: int, rank: int) -> bool:
 # MLP channel pruning (SCP)
 
 
-def _slice_linear(module: nn.Module, arch: ArchSpec, keep: torch.Tensor, dim: str) -> nn.Module:
-    """Keep output units (``dim='out'``) or input units (``dim='in'``) ``keep`` of a linear."""
+def _slice_linear(module: nn.Module, arch: ArchSpec, kept: torch.Tensor, dim: str) -> nn.Module:
+    """Keep the output units (``dim='out'``) or input units (``dim='in'``) at indices ``kept`` of a linear."""
     w = weight_out_in(module, arch).detach()
-    keep = keep.to(w.device)
-    w = w[keep] if dim == "out" else w[:, keep]
+    kept = kept.to(w.device)
+    w = w[kept] if dim == "out" else w[:, kept]
     bias = module.bias
     if bias is not None and dim == "out":
-        bias = bias[keep]
+        bias = bias[kept]
     out_f, in_f = w.shape
     if arch.stores_transposed(module):  # rebuilt as the same kind, in x out
         new = type(module)(out_f, in_f)
@@ -100,12 +100,12 @@ def _slice_linear(module: nn.Module, arch: ArchSpec, keep: torch.Tensor, dim: st
     return new
 
 
-def prune_mlp_channels(layer: nn.Module, arch: ArchSpec, keep: torch.Tensor) -> None:
-    """Keep MLP intermediate channels ``keep``: rows of gate/up (and biases), columns of down."""
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+def prune_mlp_channels(layer: nn.Module, arch: ArchSpec, kept: torch.Tensor) -> None:
+    """Keep the MLP intermediate channels at indices ``kept``: rows of gate/up (and biases), columns of down."""
+    kept = torch.as_tensor(kept, dtype=torch.long).sort().values
     for name in arch.mlp_in:
-        set_module(layer, name, _slice_linear(get_module(layer, name), arch, keep, "out"))
-    set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), arch, keep, "in"))
+        set_module(layer, name, _slice_linear(get_module(layer, name), arch, kept, "out"))
+    set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), arch, kept, "in"))
 
 
 def mlp_channels(layer: nn.Module, arch: ArchSpec) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..emulator import Emulator
 from ..errors import CheckpointConflictError
+from ..freezing import requiring_grad
 from ..head_loss import HeadAtLabels
 from ..registry import arch_of, decoder_layers, is_linear
 from .checkpoints import RUN_FILE, last_checkpoint, load_trainable, save_trainable, trainable_parameters
@@ -436,11 +437,8 @@ class _Frozen:
         self.model, self.trainable = model, trainable
 
     def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        if self.trainable is not None:
-            keep = {id(p) for p in self.trainable}
-            for p in self.model.parameters():
-                p.requires_grad_(id(p) in keep)
+        self.flags = requiring_grad(self.model, self.trainable)
+        self.flags.__enter__()
         config = getattr(self.model, "config", None)
         self.use_cache = getattr(config, "use_cache", None)
         if config is not None and self.use_cache is not None:
@@ -448,8 +446,7 @@ class _Frozen:
         return self
 
     def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
+        self.flags.__exit__(None, None, None)
         if self.use_cache is not None:
             self.model.config.use_cache = self.use_cache
         self.model.eval()

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..freezing import requiring_grad
 from ..registry import ArchSpec, arch_of, linear_shape
 
 
@@ -151,16 +152,12 @@ def _sync(device: torch.device) -> None:
 @contextmanager
 def _frozen_eval(model: nn.Module):
     """Eval mode and frozen parameters for the duration; restores both exactly afterwards."""
-    req = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
-        for p, _ in req:
-            p.requires_grad_(False)
-        model.eval()
-        yield
+        with requiring_grad(model, []):
+            model.eval()
+            yield
     finally:
-        for p, r in req:
-            p.requires_grad_(r)
         for m, t in modes:
             m.training = t
 

@@ -29,8 +29,8 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
         for m in ls.attn:
             r = plan.ranks[ls.index][m.name]
             if r is not None:
-                keep = m.keep_order[:r].sort().values
-                set_module(layer, m.name, to_lowrank(get_module(layer, m.name), arch, m.svd.U, m.svd.S, m.svd.Vh, keep))
+                kept = m.keep_order[:r].sort().values
+                set_module(layer, m.name, to_lowrank(get_module(layer, m.name), arch, m.svd.U, m.svd.S, m.svd.Vh, kept))
         c = plan.channels[ls.index]
         if c < ls.mlp.channels:
             prune_mlp_channels(layer, arch, ls.mlp.keep_order[:c])
