@@ -21,6 +21,20 @@ def tiny_config(model_type: str, layers: int = 6):
         return Qwen2Config(**common)
     if model_type == "qwen3":
         return Qwen3Config(**common, head_dim=8)
+    if model_type == "gpt_neox":
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5)
+    if model_type == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(**common, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if model_type in ("gemma2", "gemma3_text"):
+        from transformers import Gemma2Config, Gemma3TextConfig
+
+        cls = Gemma2Config if model_type == "gemma2" else Gemma3TextConfig
+        return cls(**common, head_dim=8, sliding_window=4)
     if model_type == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32)
@@ -29,7 +43,7 @@ def tiny_config(model_type: str, layers: int = 6):
     raise ValueError(model_type)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox", "phi3", "gemma2"]
 
 
 @pytest.fixture(params=ARCHS)

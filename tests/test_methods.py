@@ -285,3 +285,65 @@ def test_adding_an_architecture(monkeypatch, tmp_path):
         with torch.no_grad():
             assert torch.allclose(load_emulator(tmp_path / method).model(input_ids=ids).logits,
                                   emulator.model(input_ids=ids).logits, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures that break the llama layout: fused q/k/v (gpt_neox, phi3), fused gate/up (phi3),
+# alternating sliding/global attention (gemma2, gemma3_text). Every method, saved and loaded.
+
+NEW_ARCHITECTURES = ["gpt_neox", "phi3", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHITECTURES)
+def test_every_method_on_architectures_with_fused_or_patterned_layers(arch, tmp_path):
+    from gradot.artifacts import load_emulator, save_emulator
+    from gradot.methods import compress
+    from gradot.registry import decoder_layers
+
+    model = tiny_model(arch)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    options = {"adapter_layers": 2, "calib": str(calib), "calib_sequences": 4, "calib_len": 16, "batch_size": 2}
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    types = getattr(model.config, "layer_types", None)
+    for name, extra in [("uniform", {}), ("crash", {}), ("svd", {}), ("wanda", {}),
+                        ("gradot", {"allocation": "uniform"}), ("gradot", {"allocation": "global"}),
+                        ("gradot", {"allocation": "global-layers"})]:
+        emulator = compress(model, tiny_tokenizer(), name, 0.5, {**options, **extra})
+        kept = emulator.manifest["size"]["keep_achieved"]
+        assert 0.3 < kept <= 0.5 + 1e-9, (name, extra, kept)
+        if types:  # every slot keeps the attention kind of the layer it comes from
+            sources = [s["source"] for s in emulator.manifest["slots"]]
+            assert emulator.model.config.layer_types == [types[s] for s in sources]
+        folder = tmp_path / f"{name}-{extra.get('allocation', '')}"
+        save_emulator(emulator, folder)
+        loaded = load_emulator(folder)
+        assert len(decoder_layers(loaded.model)) == len(emulator.manifest["slots"])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, emulator.model(input_ids=ids).logits,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_fused_gate_up_channels_are_pruned_together():
+    """phi3's gate_up_proj stacks gate rows then up rows: channel c keeps rows c and I + c."""
+    from gradot.registry import arch_of, decoder_layers, get_module
+    from gradot.surgery import prune_mlp_channels
+
+    model = tiny_model("phi3")
+    arch = arch_of(model)
+    layer = decoder_layers(model)[2]
+    before = get_module(layer, "mlp.gate_up_proj").weight.detach().clone()
+    kept = torch.tensor([1, 5, 7])
+    prune_mlp_channels(layer, arch, kept)
+    after = get_module(layer, "mlp.gate_up_proj").weight
+    assert torch.equal(after, before[torch.cat([kept, kept + 64])])
+    assert get_module(layer, "mlp.down_proj").weight.shape == (32, 3)
+
+
+def test_multimodal_gemma3_is_refused_with_a_reason():
+    from transformers import Gemma3Config
+
+    from gradot.registry import UnsupportedModelError, arch_of
+
+    with pytest.raises(UnsupportedModelError, match="compress its text model"):
+        arch_of(Gemma3Config())

@@ -20,6 +20,8 @@ class ArchSpec:
     Linear names are relative to a decoder layer. ``attn_in`` read the layer's hidden state
     (q/k/v, or GPT-2's fused c_attn), ``attn_out`` writes it back. ``mlp_in`` are the MLP's input
     projections (gate first where there is one, then up); ``mlp_out`` is the down projection.
+    ``mlp_in_parts`` is how many channel blocks each ``mlp_in`` linear stacks along its output (2 for
+    phi3's fused ``gate_up_proj``: rows ``c`` and ``I + c`` belong to channel ``c``).
     ``conv1d`` marks GPT-2 style ``Conv1D`` linears whose weight is stored ``in x out``: code reads
     weights and shapes through ``weight_out_in`` and ``linear_shape``, which ask the entry.
     """
@@ -30,6 +32,7 @@ class ArchSpec:
     mlp_in: tuple[str, ...]
     mlp_out: str
     conv1d: bool = False
+    mlp_in_parts: int = 1
     # Per-layer config lists that must follow the layers when depth changes.
     per_layer_config: tuple[str, ...] = field(default=("layer_types",))
     # Config flags that tie a layer's computation to its position: a moved layer would compute
@@ -43,10 +46,6 @@ class ArchSpec:
     @property
     def mlp_linears(self) -> tuple[str, ...]:
         return self.mlp_in + (self.mlp_out,)
-
-    @property
-    def has_gate(self) -> bool:
-        return len(self.mlp_in) > 1
 
     def stores_transposed(self, module: nn.Module) -> bool:
         """Whether ``module`` is one of this architecture's ``in x out`` linears (GPT-2's ``Conv1D``)."""
@@ -86,6 +85,34 @@ REGISTRY: dict[str, ArchSpec] = {
         conv1d=True,
         position_dependent_flags=("scale_attn_by_inverse_layer_idx",),
     ),
+    # Pythia: q, k and v fused in one linear (decomposed as one matrix, like GPT-2's c_attn); the
+    # parallel residual lives inside the layer, which compression leaves intact.
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers",
+        attn_in=("attention.query_key_value",),
+        attn_out=("attention.dense",),
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+    # Phi-3: fused qkv_proj, and gate and up fused in one gate_up_proj (gate rows first, then up).
+    "phi3": ArchSpec(
+        layers="model.layers",
+        attn_in=("self_attn.qkv_proj",),
+        attn_out=("self_attn.o_proj",),
+        mlp_in=("mlp.gate_up_proj",),
+        mlp_out="mlp.down_proj",
+        mlp_in_parts=2,
+    ),
+    # Gemma 2 and Gemma 3 (text): sliding and global attention alternate by layer; the config's
+    # layer_types list follows the layers when depth changes, so every kept layer keeps its kind.
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+}
+
+#: Architectures refused with a reason (not merely unknown).
+REFUSED: dict[str, str] = {
+    "gemma3": "gemma3 is the multimodal model: compress its text model (model_type gemma3_text, "
+              "Gemma3ForCausalLM) instead",
 }
 
 
@@ -93,6 +120,8 @@ def arch_of(model_or_config) -> ArchSpec:
     """The registry entry for a model or config; a clear error for an unknown architecture."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModelError(REFUSED[model_type])
     if model_type not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise UnsupportedModelError(f"unsupported architecture {model_type!r}; supported: {known}")

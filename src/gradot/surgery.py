@@ -103,8 +103,10 @@ def _slice_linear(module: nn.Module, arch: ArchSpec, kept: torch.Tensor, dim: st
 def prune_mlp_channels(layer: nn.Module, arch: ArchSpec, kept: torch.Tensor) -> None:
     """Keep the MLP intermediate channels at indices ``kept``: rows of gate/up (and biases), columns of down."""
     kept = torch.as_tensor(kept, dtype=torch.long).sort().values
+    channels = mlp_channels(layer, arch)
+    rows = torch.cat([kept + part * channels for part in range(arch.mlp_in_parts)])  # fused blocks stacked
     for name in arch.mlp_in:
-        set_module(layer, name, _slice_linear(get_module(layer, name), arch, kept, "out"))
+        set_module(layer, name, _slice_linear(get_module(layer, name), arch, rows, "out"))
     set_module(layer, arch.mlp_out, _slice_linear(get_module(layer, arch.mlp_out), arch, kept, "in"))
 
 

@@ -281,7 +281,8 @@ def scp_scores(ins: Sequence[Projection], out: Projection, lam: float) -> SCPSco
     """Score every intermediate channel of an MLP for removal.
 
     Channel ``c`` is row ``c`` of each in-projection (up, and gate where present) and column ``c``
-    of the down projection. Per projection (``W`` out x in, factors ``A``, ``G``, gradient ``grad``):
+    of the down projection. An in-projection with ``m * I`` rows stacks ``m`` blocks (phi3's fused
+    gate/up): rows ``c``, ``I + c``, ... are all channel ``c``'s, each scored with the whole ``G``. Per projection (``W`` out x in, factors ``A``, ``G``, gradient ``grad``):
 
     * in-projection row ``w_c``:  ``hess = ||G_in[:, c]||_1 * ||A_in w_c||_1``,
       ``first = -<grad_in[c, :], w_c>``;
@@ -302,11 +303,11 @@ def scp_scores(ins: Sequence[Projection], out: Projection, lam: float) -> SCPSco
     hess_parts: list[Tensor] = []
     first_parts: list[Tensor] = []
     for k, proj in enumerate(ins):
-        if proj[0].shape[0] != n_ch:
+        if proj[0].shape[0] % n_ch:
             raise ValueError(f"in-projection {k} has {proj[0].shape[0]} rows, down has {n_ch} columns")
         h, f = _in_proj_terms(*proj)
-        hess_parts.append(h)
-        first_parts.append(f)
+        hess_parts += list(h.view(-1, n_ch))  # one part per stacked block (fused gate/up: two)
+        first_parts += list(f.view(-1, n_ch))
     h, f = _down_proj_terms(*out)
     hess_parts.append(h)
     first_parts.append(f)
@@ -336,9 +337,9 @@ def magnitude_channel_scores(ins_W: Tensor | Sequence[Tensor], down_W: Tensor) -
     """
     sq = _f32(down_W).pow(2).sum(dim=0)
     for W in _as_list(ins_W):
-        if W.shape[0] != sq.numel():
+        if W.shape[0] % sq.numel():
             raise ValueError(f"in-projection has {W.shape[0]} rows, down has {sq.numel()} columns")
-        sq = sq + _f32(W).pow(2).sum(dim=1)
+        sq = sq + _f32(W).pow(2).sum(dim=1).view(-1, sq.numel()).sum(dim=0)  # stacked blocks: a channel's rows
     return sq.sqrt()
 
 

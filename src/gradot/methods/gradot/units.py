@@ -125,7 +125,8 @@ def _mlp_scores(layer, arch: ArchSpec, factors, cfg: GradOTConfig, prefix: str) 
     W_ins = [weight_out_in(m, arch).detach() for m in ins]
     W_down = weight_out_in(down, arch).detach()
     channels = W_down.shape[1]
-    per_channel = sum(W.shape[1] + (m.bias is not None) for W, m in zip(W_ins, ins)) + W_down.shape[0]
+    per_channel = sum(arch.mlp_in_parts * (W.shape[1] + (m.bias is not None)) for W, m in zip(W_ins, ins))
+    per_channel += W_down.shape[0]
     if cfg.selection == "svd":
         score = magnitude_channel_scores(W_ins, W_down)
         cost = score
