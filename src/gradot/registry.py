@@ -56,53 +56,25 @@ class ArchSpec:
         return isinstance(module, Conv1D)
 
 
-_LLAMA_LIKE = ArchSpec(
-    layers="model.layers",
-    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    attn_out=("self_attn.o_proj",),
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_out="mlp.down_proj",
-)
+# Each entry: ArchSpec(decoder layers, attention in, attention out, MLP in, MLP out, facts).
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_LIKE = ArchSpec("model.layers", _QKV, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
 
 REGISTRY: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "opt": ArchSpec(
-        layers="model.decoder.layers",
-        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        attn_out=("self_attn.out_proj",),
-        mlp_in=("fc1",),
-        mlp_out="fc2",
-    ),
-    "gpt2": ArchSpec(
-        layers="transformer.h",
-        attn_in=("attn.c_attn",),
-        attn_out=("attn.c_proj",),
-        mlp_in=("mlp.c_fc",),
-        mlp_out="mlp.c_proj",
-        conv1d=True,
-        position_dependent_flags=("scale_attn_by_inverse_layer_idx",),
-    ),
+    "opt": ArchSpec("model.decoder.layers", _QKV, ("self_attn.out_proj",), ("fc1",), "fc2"),
+    "gpt2": ArchSpec("transformer.h", ("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), "mlp.c_proj", conv1d=True,
+                     position_dependent_flags=("scale_attn_by_inverse_layer_idx",)),
     # Pythia: q, k and v fused in one linear (decomposed as one matrix, like GPT-2's c_attn); the
     # parallel residual lives inside the layer, which compression leaves intact.
-    "gpt_neox": ArchSpec(
-        layers="gpt_neox.layers",
-        attn_in=("attention.query_key_value",),
-        attn_out=("attention.dense",),
-        mlp_in=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
-    ),
+    "gpt_neox": ArchSpec("gpt_neox.layers", ("attention.query_key_value",), ("attention.dense",),
+                         ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
     # Phi-3: fused qkv_proj, and gate and up fused in one gate_up_proj (gate rows first, then up).
-    "phi3": ArchSpec(
-        layers="model.layers",
-        attn_in=("self_attn.qkv_proj",),
-        attn_out=("self_attn.o_proj",),
-        mlp_in=("mlp.gate_up_proj",),
-        mlp_out="mlp.down_proj",
-        mlp_in_parts=2,
-    ),
+    "phi3": ArchSpec("model.layers", ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                     "mlp.down_proj", mlp_in_parts=2),
     # Gemma 2 and Gemma 3 (text): sliding and global attention alternate by layer; the config's
     # layer_types list follows the layers when depth changes, so every kept layer keeps its kind.
     "gemma2": _LLAMA_LIKE,
