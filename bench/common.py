@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-
-def git_commit() -> str:
-    """Short HEAD commit of this checkout, marked when tracked files differ from it."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=here,
-                                         stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
-                                        cwd=here, stderr=subprocess.DEVNULL).strip()
-        return commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from gradot.provenance import git_commit  # noqa: F401  (every benchmark records it)
 
 
 def machine(device=None, threads: int | None = None) -> str:

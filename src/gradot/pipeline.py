@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter,
 from .finetune import FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
 from .lmeval_tasks import evaluate
 from .methods import compress, runtime_options
+from .provenance import git_commit
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import load_task
@@ -285,7 +285,7 @@ class Pipeline:
                            lambda r: (r["acc_norm"], r.get("acc_norm_stderr", float("nan"))) if "acc_norm" in r else None)
         info = {
             "command": c.command,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(mark_uncommitted=False),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "config": asdict(c),
@@ -333,14 +333,6 @@ def transfer_table(table: dict, tasks: list[str], methods: list[str]) -> dict:
         out[method] = {t: accuracy_transfer(plug[t], zs[t], ceiling[t])
                        for t in [*tasks, "avg"] if t in plug and t in zs and t in ceiling}
     return {m: row for m, row in out.items() if row}
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown_table(info: dict, tasks: list[str]) -> str:
