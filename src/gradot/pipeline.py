@@ -13,11 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import platform
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +24,10 @@ from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter,
 from .finetune import FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
 from .lmeval_tasks import evaluate
 from .methods import compress, runtime_options
-from .provenance import git_commit
+from .pipeline_report import write_report
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import load_task
-from .transfer import accuracy_transfer
 from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -69,14 +65,6 @@ class PipelineConfig:
     command: str = ""
     report_only: bool = False  # build the table from the cells already computed; compute nothing
     keep_checkpoints: bool = False  # keep fine-tuning checkpoints once their cell is done
-
-
-def _metric(result: dict[str, float]) -> tuple[str, float, float]:
-    """The table's metric for a task: accuracy for multiple choice, exact match for WebQuestions."""
-    for name in ("acc", "exact_match"):
-        if name in result:
-            return name, result[name], result.get(f"{name}_stderr", float("nan"))
-    raise KeyError(f"no accuracy metric in {sorted(result)}")
 
 
 def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -279,150 +267,4 @@ class Pipeline:
 
     # -- report -------------------------------------------------------------------------------
     def report(self, cells: dict[str, dict[str, dict]]) -> dict:
-        c = self.cfg
-        table = build_table(cells, c.tasks, c.methods, lambda r: _metric(r)[1:])
-        norm = build_table(cells, c.tasks, c.methods,
-                           lambda r: (r["acc_norm"], r.get("acc_norm_stderr", float("nan"))) if "acc_norm" in r else None)
-        info = {
-            "command": c.command,
-            "git_commit": git_commit(mark_uncommitted=False),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "config": asdict(c),
-            "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
-            "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
-            "table_acc_norm": {r: {t: list(v) for t, v in row.items()} for r, row in norm.items() if row},
-            "transfer": {m: {t: list(v) for t, v in row.items()} for m, row in transfer_table(table, c.tasks, c.methods).items()},
-            "cells": cells,
-        }
-        (self.out / "results.json").write_text(json.dumps(info, indent=1))
-        (self.out / "results.md").write_text(markdown_table(info, c.tasks))
-        plot(table, c, self.out / "results.png", transfer=info["transfer"])
-        return info
-
-
-def build_table(cells: dict[str, dict[str, dict]], tasks: list[str], methods: list[str], pick) -> dict:
-    """``{row: {task: (value, stderr)}}`` from the cells, ``pick(result)`` choosing the metric (None:
-    the task has none), plus a Δ row per method and an ``avg`` column where every task has a value."""
-    table: dict[str, dict[str, tuple[float, float]]] = {}
-    for row, per_task in cells.items():
-        table[row] = {t: v for t, r in per_task.items() if (v := pick(r)) is not None}
-    for method in methods:
-        ft, pl = table.get(f"{method}: Emu FT", {}), table.get(f"{method}: Plug-in", {})
-        table[f"{method}: Δ"] = {
-            t: (pl[t][0] - ft[t][0], math.hypot(pl[t][1], ft[t][1])) for t in tasks if t in ft and t in pl
-        }
-    for row in table.values():
-        if row and len(row) == len(tasks):
-            row["avg"] = (sum(v[0] for v in row.values()) / len(tasks),
-                          math.sqrt(sum(v[1] ** 2 for v in row.values())) / len(tasks))
-    return table
-
-
-def transfer_table(table: dict, tasks: list[str], methods: list[str]) -> dict:
-    """``{method: {task: (transfer, stderr)}}``: (Plug-in − Full ZS) / (Adapter FT − Full ZS).
-
-    The ``avg`` column is the ratio of the averages (average gain of the plug-in over average gain of
-    Adapter FT), not the average of ratios: a task where Adapter FT gains nothing would make its
-    own ratio meaningless and swamp a mean of ratios.
-    """
-    zs, ceiling = table.get("Full ZS", {}), table.get("Adapter FT", {})
-    out = {}
-    for method in methods:
-        plug = table.get(f"{method}: Plug-in", {})
-        out[method] = {t: accuracy_transfer(plug[t], zs[t], ceiling[t])
-                       for t in [*tasks, "avg"] if t in plug and t in zs and t in ceiling}
-    return {m: row for m, row in out.items() if row}
-
-
-def markdown_table(info: dict, tasks: list[str]) -> str:
-    cols = tasks + ["avg"]
-    lines = [
-        "# Offsite-tuning results", "",
-        f"Command: `{info['command']}`  ",
-        f"Commit {info['git_commit']}; {info['date']}; {info['machine']}  ",
-        f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
-    ]
-    lines += _table_lines(info["table"], cols)
-    if info.get("transfer"):
-        lines += ["", "Transfer = (Plug-in − Full ZS) / (Adapter FT − Full ZS): the share of the gain of training the "
-                  "adapter layers on the original that the emulator-trained adapter carries (1 = all of it). "
-                  "avg: ratio of the average gains. ± from the three scores' standard errors, taken as "
-                  "independent (conservative: they are measured on the same questions).", ""]
-        lines += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for method, row in info["transfer"].items():
-            lines.append(f"| {method} | " + " | ".join(
-                f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row and not math.isnan(row[c][0])
-                else ("no gain" if c in row else "–") for c in cols) + " |")
-        if any(math.isnan(v[0]) for row in info["transfer"].values() for v in row.values()):
-            lines += ["", "no gain: Adapter FT scored the same as Full ZS there; there is nothing to transfer."]
-    if info.get("table_acc_norm"):
-        lines += ["", "acc_norm (length-normalised log-likelihood), where the harness reports it:", ""]
-        lines += _table_lines(info["table_acc_norm"], cols)
-    lines += ["", "Cost per cell: seconds per evaluated example; for fine-tuned rows also seconds per training "
-              "step (batch of the settings above) and the mean training loss over the run.", ""]
-    lines += ["| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for row, per_task in info["cells"].items():
-        out = []
-        for t in tasks:
-            r = per_task.get(t)
-            if r is None:
-                out.append("–")
-                continue
-            text = f"{r.get('seconds_per_example', float('nan')):.3f} s/ex"
-            training = r.get("training") or {}
-            if training.get("seconds_per_step"):
-                text += f", {training['seconds_per_step']:.2f} s/step, loss {training.get('train_loss', float('nan')):.2f}"
-            out.append(text)
-        lines.append(f"| {row} | " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _table_lines(table: dict, cols: list[str]) -> list[str]:
-    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for row, values in table.items():
-        cells = [f"{100 * values[c][0]:.1f} ± {100 * values[c][1]:.1f}" if c in values else "–" for c in cols]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot(table: dict, cfg: PipelineConfig, path: Path, transfer: dict | None = None) -> None:
-    """Per-task bars of Emu ZS / Emu FT / Plug-in (per method) next to Full ZS / Full FT / Adapter FT;
-    below, where there is an Adapter FT row, each method's transfer per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in table if not r.endswith("Δ")]
-    width_in = max(6, 1.8 * len(cfg.tasks) * max(1, len(rows)) / 4)
-    if transfer:
-        fig, (ax, tax) = plt.subplots(2, 1, figsize=(width_in, 7), gridspec_kw={"height_ratios": [4, 2]})
-    else:
-        fig, ax = plt.subplots(figsize=(width_in, 4))
-    width = 0.8 / max(1, len(rows))
-    for i, row in enumerate(rows):
-        xs = [t + i * width for t in range(len(cfg.tasks))]
-        ys = [100 * table[row].get(task, (float("nan"), 0))[0] for task in cfg.tasks]
-        es = [100 * table[row].get(task, (0, 0))[1] for task in cfg.tasks]
-        ax.bar(xs, ys, width, yerr=es, label=row, capsize=2)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(cfg.tasks))], cfg.tasks)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{cfg.model}, keep {cfg.keep}")
-    # Below the axes: inside them the legend hid the tallest bars.
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
-    if transfer:
-        cols = [*cfg.tasks, "avg"]
-        tw = 0.8 / len(transfer)
-        for i, (method, row) in enumerate(transfer.items()):
-            xs = [t + i * tw for t in range(len(cols))]
-            tax.bar(xs, [row.get(c, (float("nan"), 0))[0] for c in cols], tw,
-                    yerr=[row.get(c, (0, 0))[1] for c in cols], label=method, capsize=2)
-        tax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        tax.set_xticks([t + 0.4 - tw / 2 for t in range(len(cols))], cols)
-        tax.set_ylabel("transfer")
-        tax.set_ylim(-0.5, 1.5)  # a task with almost no gain has a wild ratio: keep the scale readable
-        tax.legend(fontsize=7, ncol=4, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+        return write_report(self.out, self.cfg, cells)
