@@ -294,7 +294,7 @@ class Bench:
             emu, _ = self.emulator(spec)
             out = {"task": task, "emulator": spec, "recipe": recipe}
             if self.args.grad_batches:
-                key = (task, recipe["steps"])
+                key = (task, recipe["steps"], spec["k"])  # the adapter (and its gradient) grows with k
                 if key not in self._grads:
                     self._grads[key] = self.gradients(self.model, split_model(self.model, spec["k"]).adapter, task, recipe)
                 cos = cosines(self._grads[key], self.gradients(emu.model, emu.adapter_positions, task, recipe))
