@@ -1,0 +1,12 @@
+"""Federated offsite-tuning on Flower: many data owners fine-tune one adapter on the shared emulator.
+
+* :mod:`.core`: what crosses the wire (adapter updates in a fixed layout), the checks both sides
+  apply to every message, FedAvg's example-weighted mean.
+* :mod:`.apps`: the model owner's ``ServerApp`` and the data owners' ``ClientApp`` (optionally
+  with Flower's SecAgg+), and the module-level ``server_app`` / ``client_app`` that ``flwr run``
+  and ``flower-supernode`` load.
+* :mod:`.runtime`: an in-process runtime (N virtual SuperNodes, no Ray) for simulation and tests.
+* :mod:`.partition`: one training set split over simulated clients, IID or label-skewed.
+
+Flower (``flwr``) is imported only when this package is.
+"""

@@ -1,0 +1,182 @@
+"""Federated offsite-tuning on Flower (gradot.federated): tiny random models, in-process nodes."""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from gradot.baselines import uniform_emulator
+from gradot.federated.apps import AdapterClient, FederationSettings, make_client_app, make_server_app
+from gradot.federated.core import AdapterSpec, to_arrays
+from gradot.federated.partition import partition_indices
+from gradot.federated.runtime import run_local
+from gradot.finetune import FinetuneConfig, finetune_adapter
+from gradot.split import split_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z the of and to in is was for on as with by at".split()
+
+
+def _records(n, seed):
+    rng = np.random.default_rng(seed)
+    return [(f"Question : {' '.join(rng.choice(WORDS, 4))} Answer :", " " + " ".join(rng.choice(WORDS, 2)))
+            for _ in range(n)]
+
+
+#: Three data owners of different sizes, so the weighting by example counts shows.
+DATA = [_records(2, 1), _records(4, 2), _records(6, 3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _emulator(seed=0):
+    model = tiny_model("llama", seed=seed)
+    return uniform_emulator(model, split_model(model, 2), 0.5)
+
+
+def _settings(**kw):
+    base = dict(rounds=1, local_steps=2, lr=1e-2, batch_size=2, max_length=32, min_clients=2, min_available=2,
+                round_timeout=60, seed=0)
+    base.update(kw)
+    return FederationSettings(**base)
+
+
+def _federate(settings, clients, drop=None):
+    """Run the server against in-process nodes; ``clients[i]`` is node i's AdapterClient."""
+    server_emu = _emulator()
+    results = []
+    server = make_server_app(lambda config: (server_emu, settings, None, None), results)
+    client = make_client_app(lambda context: clients[int(context.node_config["partition-id"])])
+    run_local(server, client, len(clients), drop=drop)
+    spec = AdapterSpec.of(server_emu)
+    return results[0], to_arrays(server_emu, spec), spec
+
+
+def _honest(data, emulator=None):
+    return AdapterClient(emulator or _emulator(), tiny_tokenizer(), data)
+
+
+def _local_update(records, settings, tmp_path, name):
+    """What one client's local training gives, computed outside Flower."""
+    emu = _emulator()
+    spec = AdapterSpec.of(emu)
+    before = to_arrays(emu, spec)
+    cfg = FinetuneConfig(output_dir=str(tmp_path / name), learning_rate=settings.lr, max_steps=settings.local_steps,
+                         batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed + 1,
+                         save_steps=10**9)
+    finetune_adapter(emu, tiny_tokenizer(), records, cfg)
+    return [a - b for a, b in zip(to_arrays(emu, spec), before)], before
+
+
+def _hand_average(datasets, settings, tmp_path):
+    updates = [_local_update(d, settings, tmp_path, f"c{i}") for i, d in enumerate(datasets)]
+    start = updates[0][1]
+    total = sum(len(d) for d in datasets)
+    return [s + sum(len(d) / total * u[0][j] for d, u in zip(datasets, updates)) for j, s in enumerate(start)]
+
+
+def _close(a, b, atol):
+    return max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(a, b)) <= atol
+
+
+def test_three_clients_reach_the_hand_computed_weighted_average(tmp_path):
+    settings = _settings()
+    record, final, _ = _federate(settings, [_honest(d) for d in DATA])
+    expected = _hand_average(DATA, settings, tmp_path)
+    assert record["rounds_applied"] == 1 and len(record["rounds"][0]["accepted"]) == 3
+    assert sorted(a["examples"] for a in record["rounds"][0]["accepted"]) == [2, 4, 6]
+    assert _close(final, expected, 1e-6)
+    start = to_arrays(_emulator(), AdapterSpec.of(_emulator()))
+    assert not _close(final, start, 1e-4)  # it trained
+    assert record["rounds"][0]["bytes_sent"] > 3 * AdapterSpec.of(_emulator()).nbytes
+
+
+def test_dishonest_clients_are_left_out_and_the_honest_average_stands(tmp_path, caplog):
+    def nan(delta):
+        delta[0] = delta[0].copy()
+        delta[0].flat[0] = np.nan
+        return delta
+
+    def reshaped(delta):
+        delta[1] = delta[1].reshape(-1)[:-1]
+        return delta
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]),
+               AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=nan),
+               AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=reshaped),
+               AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], metrics_override={"fingerprint": "0" * 64})]
+    settings = _settings(min_available=5)
+    with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
+        record, final, _ = _federate(settings, clients)
+    rnd = record["rounds"][0]
+    assert len(rnd["accepted"]) == 2 and len(rnd["excluded"]) == 3
+    reasons = " | ".join(e["reason"] for e in rnd["excluded"])
+    assert "NaN" in reasons and "shape" in reasons and "fingerprint" in reasons
+    assert "left out" in caplog.text
+    assert _close(final, _hand_average([DATA[0], DATA[2]], settings, tmp_path), 1e-6)
+
+
+def test_a_client_that_disconnects_mid_round_does_not_stop_the_run():
+    clients = [_honest(d) for d in DATA]
+    # Node 2 takes round 1's message, trains, and is gone before its reply arrives.
+    record, final, _ = _federate(_settings(rounds=2), clients, drop={2: 1})
+    assert record["rounds_applied"] == 2
+    first = record["rounds"][0]
+    assert len(first["accepted"]) == 2 and any("no reply" in f for f in first["failures"])
+    assert all(np.isfinite(a).all() for a in final)
+
+
+def test_a_round_below_the_quorum_keeps_the_adapter():
+    def nan(delta):
+        return [np.full_like(d, np.nan) for d in delta]
+
+    clients = [_honest(DATA[0]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=nan)]
+    record, final, spec = _federate(_settings(min_clients=2), clients)
+    assert record["rounds_applied"] == 0 and "quorum" in record["rounds"][0]["note"]
+    assert _close(final, to_arrays(_emulator(), spec), 0)
+
+
+def test_secagg_plus_gives_plain_fedavgs_aggregate_within_quantisation():
+    plain, final_plain, spec = _federate(_settings(), [_honest(d) for d in DATA])
+    secure, final_secure, _ = _federate(_settings(secagg=True, secagg_clip=0.5, secagg_max_weight=16),
+                                        [_honest(d) for d in DATA])
+    assert secure["rounds_applied"] == 1 and len(secure["rounds"][0]["accepted"]) == 3
+    # Each value is quantised to 2**22 levels over [-clip, clip] per client, the weights to 2**22
+    # levels of max_weight: a few 1e-7 here; the updates themselves are ~1e-2.
+    step = 2 * 0.5 / 2**22
+    assert _close(final_secure, final_plain, 3 * step * 4)
+    assert not _close(final_plain, to_arrays(_emulator(), spec), 1e-4)
+
+
+def test_fedprox_pulls_towards_the_global_adapter():
+    plain, final_plain, spec = _federate(_settings(local_steps=3), [_honest(d) for d in DATA])
+    prox, final_prox, _ = _federate(_settings(local_steps=3, mu=50.0), [_honest(d) for d in DATA])
+    start = to_arrays(_emulator(), spec)
+
+    def moved(final):
+        return sum(float(np.linalg.norm(f.astype(np.float64) - s)) for f, s in zip(final, start))
+
+    assert 0 < moved(final_prox) < moved(final_plain)
+
+
+def test_partitions_are_disjoint_and_cover_the_rows():
+    labels = [i % 4 for i in range(200)]
+    for how in ("iid", "label"):
+        parts = partition_indices(200, 5, how, labels, alpha=0.3, seed=1)
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(200)) and all(parts)
+    iid = partition_indices(200, 5, "iid", seed=1)
+    assert {len(p) for p in iid} == {40}
+    skew = partition_indices(200, 5, "label", labels, alpha=0.1, seed=1)
+    top = [max(np.bincount([labels[i] for i in p], minlength=4)) / len(p) for p in skew]
+    assert np.mean(top) > 0.5  # label skew: most of a client's rows share one label
