@@ -1,7 +1,8 @@
 """Federated offsite-tuning on Flower (gradot.federated): tiny random models, in-process nodes."""
 
-import copy
+
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,46 @@ def test_partitions_are_disjoint_and_cover_the_rows():
     skew = partition_indices(200, 5, "label", labels, alpha=0.1, seed=1)
     top = [max(np.bincount([labels[i] for i in p], minlength=4)) / len(p) for p in skew]
     assert np.mean(top) > 0.5  # label skew: most of a client's rows share one label
+
+
+def test_cli_simulate_writes_a_pluggable_adapter_and_a_record(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from gradot.cli import main
+
+    assert main(["compress", "--model", str(tiny_model_dir), "--keep", "0.5", "--out", str(tmp_path / "emu")]) == 0
+    data = tmp_path / "data.jsonl"
+    rng = np.random.default_rng(0)
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 10))}) + "\n" for _ in range(9)))
+    argv = ["federate", "simulate", "--emulator", str(tmp_path / "emu"), "--data", str(data), "--num-clients", "3",
+            "--rounds", "2", "--local-steps", "1", "--lr", "1e-2", "--train-batch-size", "2", "--max-length", "32",
+            "--out", str(tmp_path / "fed")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "round 2: 3 clients accepted" in out and "2 of 2 rounds applied" in out
+    record = json.loads((tmp_path / "fed" / "federation.json").read_text())
+    assert record["clients"] == [3, 3, 3] and record["rounds_applied"] == 2 and record["command"].startswith("gradot")
+    assert main(["plugin", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "fed" / "adapter"),
+                 "--emulator", str(tmp_path / "emu"), "--out", str(tmp_path / "plugged")]) == 0
+    assert main(argv) == 2  # --out exists
+    assert "--overwrite" in capsys.readouterr().err
+    bad = argv[:-2] + ["--partition", "label", "--out", str(tmp_path / "fed2")]
+    assert main(bad) == 2 and "--partition label needs --task" in capsys.readouterr().err
+    assert not (tmp_path / "fed2").exists()
+
+
+def test_cli_app_writes_the_flower_app(tmp_path, capsys):
+    import tomllib
+
+    from gradot.cli import main
+
+    assert main(["federate", "app", str(tmp_path / "app"), "--emulator", "emu", "--out", "fed", "--rounds", "4",
+                 "--secagg", "--mu", "0.01"]) == 0
+    conf = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    assert conf["tool"]["flwr"]["app"]["components"]["serverapp"] == "gradot.federated.apps:server_app"
+    run = conf["tool"]["flwr"]["app"]["config"]
+    assert run["num-rounds"] == 4 and run["secagg"] is True and run["mu"] == 0.01
+    assert Path(run["emulator"]).is_absolute()
+    from gradot.federated.apps import FederationSettings
+
+    assert FederationSettings.from_run_config(run).rounds == 4

@@ -362,23 +362,24 @@ def run_federation(grid: Grid, context, emulator: Emulator, settings: Federation
 
 
 def _write_result(emulator: Emulator, result: dict, out: Path, plug_model: str | None) -> None:
-    from ..artifacts import save_adapter
+    """``out/adapter`` (an ordinary gradot adapter folder), ``out/federation.json`` and, with
+    ``plug_model``, ``out/plugged``; ``out`` appears whole or not at all (replacing an older one)."""
+    from ..artifacts import atomic_directory, save_adapter
 
-    out.mkdir(parents=True, exist_ok=True)
     training = {"federated": {k: result[k] for k in ("settings", "rounds_applied", "seconds")},
                 "mode": "adapter", "emulator_method": result["emulator"]["method"]}
-    save_adapter(emulator, out / "adapter", training=training, overwrite=True)
-    if plug_model:
-        from ..artifacts import atomic_directory, plug_in
-        from ..modeling import load_model
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_adapter(emulator, tmp / "adapter", training=training)
+        if plug_model:
+            from ..artifacts import plug_in
+            from ..modeling import load_model
 
-        model, tok = load_model(plug_model)
-        plug_in(model, out / "adapter", k=emulator.manifest["adapter"]["k"])  # every check of `gradot plugin`
-        with atomic_directory(out / "plugged", overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        result["plugged"] = "plugged"
-    (out / RECORD_FILE).write_text(json.dumps(result, indent=1))
+            model, tok = load_model(plug_model)
+            plug_in(model, tmp / "adapter", k=emulator.manifest["adapter"]["k"])  # every check of `gradot plugin`
+            model.save_pretrained(tmp / "plugged")
+            tok.save_pretrained(tmp / "plugged")
+            result["plugged"] = "plugged"
+        (tmp / RECORD_FILE).write_text(json.dumps(result, indent=1))
 
 
 def make_server_app(load: Callable[[dict], tuple[Emulator, FederationSettings, str | None, str | None]],
