@@ -137,6 +137,19 @@ def test_a_client_that_disconnects_mid_round_does_not_stop_the_run():
     assert all(np.isfinite(a).all() for a in final)
 
 
+def test_an_implausibly_large_update_is_left_out_under_max_change(caplog):
+    def huge(delta):
+        return [d * 1e4 for d in delta]
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=huge)]
+    with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
+        record, _, _ = _federate(_settings(min_available=3), clients)
+    assert len(record["rounds"][0]["accepted"]) == 3 and "no plausible" in caplog.text  # warned, as plug_in
+    record, _, _ = _federate(_settings(min_available=3, max_change=1.0), clients)
+    rnd = record["rounds"][0]
+    assert len(rnd["accepted"]) == 2 and "more than the allowed" in rnd["excluded"][0]["reason"]
+
+
 def test_a_round_below_the_quorum_keeps_the_adapter():
     def nan(delta):
         return [np.full_like(d, np.nan) for d in delta]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import tiny_model, tiny_tokenizer
 
 from gradot.artifacts import plug_in, save_emulator

@@ -33,7 +33,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from .core import (
     apply_update,
     check_arrays,
     check_update,
+    largest_change,
     load_arrays,
     to_arrays,
     weighted_mean,
@@ -93,6 +94,7 @@ class FederationSettings:
     secagg_clip: float = 1.0   # SecAgg+ clipping range of each (example-weighted) update value
     secagg_max_weight: float = 10000.0  # SecAgg+'s bound on one client's example count
     seed: int = 0
+    max_change: float = 0.0    # > 0: leave out an update moving a tensor more than this x its norm (0: warn above 1)
 
     def __post_init__(self):
         def bad(name, why):
@@ -114,6 +116,8 @@ class FederationSettings:
             bad("min_clients", "SecAgg+ needs at least 2 clients per round")
         if not self.round_timeout > 0:
             bad("round_timeout", "must be > 0")
+        if self.max_change < 0:
+            bad("max_change", "must be >= 0")
 
     @classmethod
     def from_run_config(cls, config: dict) -> FederationSettings:
@@ -134,7 +138,7 @@ RUN_CONFIG = {"num-rounds": "rounds", "local-steps": "local_steps", "local-epoch
               "lr": "lr", "batch-size": "batch_size", "max-length": "max_length", "mu": "mu",
               "min-clients": "min_clients", "min-available": "min_available", "round-timeout": "round_timeout",
               "secagg": "secagg", "secagg-clip": "secagg_clip", "secagg-max-weight": "secagg_max_weight",
-              "seed": "seed"}
+              "seed": "seed", "max-change": "max_change"}
 #: Node-config keys of a data owner's SuperNode (``flower-supernode --node-config``).
 NODE_CONFIG = ("emulator", "task", "data", "data-dir", "train-limit", "partition-id", "num-partitions",
                "partition", "alpha")
@@ -177,6 +181,8 @@ class AdapterStrategy(FedAvg):
             arrays = parameters_to_ndarrays(res.parameters)
             try:
                 check_update(arrays, res.num_examples, dict(res.metrics), self.spec, check_values=not secagg)
+                if not secagg:
+                    self._check_change(server_round, proxy.node_id, arrays)
             except UpdateRejected as exc:
                 log.warning("round %s: client %s left out: %s", server_round, proxy.node_id, exc)
                 excluded.append({"node": str(proxy.node_id), "reason": str(exc)})
@@ -218,6 +224,19 @@ class AdapterStrategy(FedAvg):
         record["applied"] = True
         self.global_arrays = new
         return ndarrays_to_parameters(new), {"accepted": len(accepted)}
+
+
+    def _check_change(self, server_round: int, node, update) -> None:
+        """As ``plug_in --max-change``: refuse (with ``max_change``) or warn about an update that moves
+        a tensor further than fine-tuning plausibly does in a round."""
+        from ..artifacts import PLAUSIBLE_CHANGE
+
+        name, ratio = largest_change(update, self.global_arrays, self.spec)
+        if self.settings.max_change and ratio > self.settings.max_change:
+            raise UpdateRejected(f"{name} moved {ratio:.3g}x its norm, more than the allowed {self.settings.max_change:g}x")
+        if ratio > PLAUSIBLE_CHANGE:
+            log.warning("round %s: client %s moves %s by %.3gx its norm; no plausible fine-tuning round does that",
+                        server_round, node, name, ratio)
 
 
 def _failure_text(failure) -> str:

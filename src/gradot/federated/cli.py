@@ -38,6 +38,9 @@ def _settings_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secagg-clip", type=float, default=1.0,
                    help="SecAgg+ clipping range of each update value (updates are weight differences, ~1e-3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of local training (plus the round)")
+    g.add_argument("--max-change", type=float, default=0.0,
+                   help="leave out an update that moves a tensor more than this many times its norm (0: only warn "
+                        "above 1, as plugin does)")
 
 
 def _settings(args, **extra):
@@ -46,7 +49,7 @@ def _settings(args, **extra):
     return FederationSettings(rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs,
                               lr=args.lr, batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
                               min_clients=args.min_clients, round_timeout=args.round_timeout, secagg=args.secagg,
-                              secagg_clip=args.secagg_clip, seed=args.seed, **extra)
+                              secagg_clip=args.secagg_clip, seed=args.seed, max_change=args.max_change, **extra)
 
 
 def add_commands(sub) -> None:

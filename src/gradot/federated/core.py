@@ -33,6 +33,7 @@ __all__ = [
     "apply_update",
     "check_arrays",
     "check_update",
+    "largest_change",
     "load_arrays",
     "to_arrays",
     "weighted_mean",
@@ -131,6 +132,18 @@ def check_update(arrays: Sequence[np.ndarray], num_examples, metrics: dict, spec
         raise UpdateRejected(f"example count {num_examples!r} is not a positive integer")
     if check_values:
         check_arrays(arrays, spec)
+
+
+def largest_change(update: Sequence[np.ndarray], global_arrays: Sequence[np.ndarray],
+                   spec: AdapterSpec) -> tuple[str, float]:
+    """The tensor the update moves furthest, relative to its global value: ``||u|| / ||g||`` (as
+    ``plug_in`` measures an adapter's change from the original)."""
+    worst, ratio = "", 0.0
+    for name, u, g in zip(spec.names, update, global_arrays):
+        r = float(np.linalg.norm(u.astype(np.float64)) / max(np.linalg.norm(g.astype(np.float64)), 1e-12))
+        if r > ratio:
+            worst, ratio = name, r
+    return worst, ratio
 
 
 def weighted_mean(updates: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:

@@ -1,0 +1,97 @@
+"""Collect the federated runs of results/federated (federation.json of each run, the lm-eval JSON of
+each plug-in model, the centralised baseline's manifest) into results.json and README tables.
+
+    python bench/federated_report.py --runs /tmp/fedres --out results/federated
+
+The runs themselves are made with the commands recorded in each federation.json (``command``) and
+in the README this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+from provenance import git_commit
+
+MIB = 2**20
+
+
+def _acc(path: Path):
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())["arc_easy"]
+    return {k: r[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if k in r}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--full-model-bytes", type=int, required=True, help="float32 size of the full model's weights")
+    ap.add_argument("--emulator-bytes", type=int, required=True, help="size of emulator.safetensors")
+    ap.add_argument("--date", required=True)
+    ap.add_argument("--code-commit", required=True, help="commit the runs were made with")
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    rows = []
+    full_zs = _acc(runs / "eval-full-zs.json")
+    for name in ("fed-iid", "fed-label", "fed-iid-secagg"):
+        rec_path = runs / name / "federation.json"
+        if not rec_path.is_file():
+            continue
+        rec = json.loads(rec_path.read_text())
+        rounds = rec["rounds"]
+        rows.append({
+            "run": name, "command": rec["command"], "clients": rec["clients"], "partition": rec["partition"],
+            "alpha": rec["alpha"] if rec["partition"] == "label" else None, "secagg": rec["settings"]["secagg"],
+            "rounds": len(rounds), "rounds_applied": rec["rounds_applied"],
+            "seconds_per_round": [r["seconds"] for r in rounds],
+            "bytes_sent_per_round": [r["bytes_sent"] for r in rounds],
+            "bytes_received_per_round": [r["bytes_received"] for r in rounds],
+            "client_losses_last_round": [a["train_loss"] for a in rounds[-1]["accepted"]],
+            "adapter_bytes": rec["adapter"]["bytes"], "wall_seconds": rec["wall_seconds"],
+            "plugin": _acc(runs / f"eval-{name}.json"),
+            "label_counts": rec.get("label_counts"),
+        })
+    central = None
+    if (runs / "central" / "manifest.json").is_file():
+        m = json.loads((runs / "central" / "manifest.json").read_text())["training"]
+        central = {"steps": m["steps"], "seconds": m["seconds"], "train_loss": m["train_loss"],
+                   "examples": m["examples"], "plugin": _acc(runs / "eval-central.json")}
+    result = {"date": args.date, "code_commit": args.code_commit, "report_commit": git_commit(),
+              "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}; shared 2-core CPU, no GPU",
+              "full_model_bytes": args.full_model_bytes, "emulator_bytes": args.emulator_bytes,
+              "full_zs": full_zs, "central": central, "federated": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+
+    def pct(a):
+        return "–" if a is None else f"{100 * a['acc']:.1f} ± {100 * a['acc_stderr']:.1f}"
+
+    def pctn(a):
+        return "–" if a is None else f"{100 * a['acc_norm']:.1f} ± {100 * a['acc_norm_stderr']:.1f}"
+
+    lines = ["| setting | plug-in acc (%) | plug-in acc_norm (%) | rounds applied | s / round (mean) | sent / round | received / round |",
+             "|---|---|---|---|---|---|---|",
+             f"| Full ZS (no adapter) | {pct(full_zs)} | {pctn(full_zs)} | – | – | – | – |"]
+    if central:
+        lines.append(f"| one data owner with all {central['examples']} rows ({central['steps']} steps) | "
+                     f"{pct(central['plugin'])} | {pctn(central['plugin'])} | – | {central['seconds']:.0f} s in all | – | – |")
+    for r in rows:
+        label = (f"3 clients, {r['partition']}" + (f" (alpha {r['alpha']})" if r["alpha"] else "")
+                 + (", SecAgg+" if r["secagg"] else ""))
+        mean_s = sum(r["seconds_per_round"]) / len(r["seconds_per_round"])
+        sent = sum(r["bytes_sent_per_round"]) / len(r["bytes_sent_per_round"]) / MIB
+        recv = sum(r["bytes_received_per_round"]) / len(r["bytes_received_per_round"]) / MIB
+        lines.append(f"| {label} | {pct(r['plugin'])} | {pctn(r['plugin'])} | {r['rounds_applied']}/{r['rounds']} | "
+                     f"{mean_s:.0f} s | {sent:.1f} MiB | {recv:.1f} MiB |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
