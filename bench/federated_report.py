@@ -14,7 +14,7 @@ import json
 import platform
 from pathlib import Path
 
-from provenance import git_commit
+from gradot.provenance import git_commit
 
 MIB = 2**20
 
@@ -38,7 +38,7 @@ def main() -> None:
     runs = Path(args.runs)
     rows = []
     full_zs = _acc(runs / "eval-full-zs.json")
-    for name in ("fed-iid", "fed-label", "fed-iid-secagg"):
+    for name in ("fed-iid", "fed-label", "fed-iid-secagg", "fed-label-secagg", "fed5-iid", "fed5-label"):
         rec_path = runs / name / "federation.json"
         if not rec_path.is_file():
             continue
@@ -52,19 +52,35 @@ def main() -> None:
             "bytes_sent_per_round": [r["bytes_sent"] for r in rounds],
             "bytes_received_per_round": [r["bytes_received"] for r in rounds],
             "client_losses_last_round": [a["train_loss"] for a in rounds[-1]["accepted"]],
+            "client_train_seconds": [[a["seconds"] for a in r["accepted"]] for r in rounds],
             "adapter_bytes": rec["adapter"]["bytes"], "wall_seconds": rec["wall_seconds"],
             "plugin": _acc(runs / f"eval-{name}.json"),
             "label_counts": rec.get("label_counts"),
         })
-    central = None
-    if (runs / "central" / "manifest.json").is_file():
-        m = json.loads((runs / "central" / "manifest.json").read_text())["training"]
-        central = {"steps": m["steps"], "seconds": m["seconds"], "train_loss": m["train_loss"],
-                   "examples": m["examples"], "plugin": _acc(runs / "eval-central.json")}
+    def single(name):
+        if not (runs / name / "manifest.json").is_file():
+            return None
+        m = json.loads((runs / name / "manifest.json").read_text())["training"]
+        return {"steps": m["steps"], "seconds": m["seconds"], "train_loss": m["train_loss"],
+                "examples": m["examples"], "plugin": _acc(runs / f"eval-{name}.json")}
+
+    central = single("central")
+    adapter_ft = single("adapter-ft")
+
+    def transfer(a):
+        if a is None or adapter_ft is None or adapter_ft["plugin"] is None or full_zs is None:
+            return None
+        gain = adapter_ft["plugin"]["acc"] - full_zs["acc"]
+        return (a["acc"] - full_zs["acc"]) / gain if gain > 0 else None
+
+    for r in rows:
+        r["transfer"] = transfer(r["plugin"])
+    if central:
+        central["transfer"] = transfer(central["plugin"])
     result = {"date": args.date, "code_commit": args.code_commit, "report_commit": git_commit(),
               "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}; shared 2-core CPU, no GPU",
               "full_model_bytes": args.full_model_bytes, "emulator_bytes": args.emulator_bytes,
-              "full_zs": full_zs, "central": central, "federated": rows}
+              "full_zs": full_zs, "adapter_ft": adapter_ft, "central": central, "federated": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -75,20 +91,27 @@ def main() -> None:
     def pctn(a):
         return "–" if a is None else f"{100 * a['acc_norm']:.1f} ± {100 * a['acc_norm_stderr']:.1f}"
 
-    lines = ["| setting | plug-in acc (%) | plug-in acc_norm (%) | rounds applied | s / round (mean) | sent / round | received / round |",
-             "|---|---|---|---|---|---|---|",
-             f"| Full ZS (no adapter) | {pct(full_zs)} | {pctn(full_zs)} | – | – | – | – |"]
+    def tr(x):
+        return "–" if x is None else f"{x:.2f}"
+
+    lines = ["| setting | plug-in acc (%) | acc_norm (%) | transfer | rounds applied | s / round | client training s / round | sent / round | received / round |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| Full ZS (no adapter) | {pct(full_zs)} | {pctn(full_zs)} | – | – | – | – | – | – |"]
+    if adapter_ft:
+        lines.append(f"| Adapter FT (adapter layers trained on the original, {adapter_ft['steps']} steps, all {adapter_ft['examples']} rows) | "
+                     f"{pct(adapter_ft['plugin'])} | {pctn(adapter_ft['plugin'])} | 1 by definition | – | {adapter_ft['seconds']:.0f} s in all | – | – | – |")
     if central:
-        lines.append(f"| one data owner with all {central['examples']} rows ({central['steps']} steps) | "
-                     f"{pct(central['plugin'])} | {pctn(central['plugin'])} | – | {central['seconds']:.0f} s in all | – | – |")
+        lines.append(f"| one data owner with all {central['examples']} rows on the emulator ({central['steps']} steps) | "
+                     f"{pct(central['plugin'])} | {pctn(central['plugin'])} | {tr(central['transfer'])} | – | {central['seconds']:.0f} s in all | – | – | – |")
     for r in rows:
-        label = (f"3 clients, {r['partition']}" + (f" (alpha {r['alpha']})" if r["alpha"] else "")
+        label = (f"{len(r['clients'])} clients, {r['partition']}" + (f" (alpha {r['alpha']})" if r["alpha"] else "")
                  + (", SecAgg+" if r["secagg"] else ""))
         mean_s = sum(r["seconds_per_round"]) / len(r["seconds_per_round"])
         sent = sum(r["bytes_sent_per_round"]) / len(r["bytes_sent_per_round"]) / MIB
         recv = sum(r["bytes_received_per_round"]) / len(r["bytes_received_per_round"]) / MIB
-        lines.append(f"| {label} | {pct(r['plugin'])} | {pctn(r['plugin'])} | {r['rounds_applied']}/{r['rounds']} | "
-                     f"{mean_s:.0f} s | {sent:.1f} MiB | {recv:.1f} MiB |")
+        client_s = [sum(c) / len(c) for c in r["client_train_seconds"]]
+        lines.append(f"| {label} | {pct(r['plugin'])} | {pctn(r['plugin'])} | {tr(r['transfer'])} | {r['rounds_applied']}/{r['rounds']} | "
+                     f"{mean_s:.0f} s | {sum(client_s) / len(client_s):.0f} s each | {sent:.1f} MiB | {recv:.1f} MiB |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

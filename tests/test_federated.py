@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from gradot.baselines import uniform_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.federated.apps import AdapterClient, FederationSettings, make_client_app, make_server_app
 from gradot.federated.core import AdapterSpec, to_arrays
 from gradot.federated.partition import partition_indices

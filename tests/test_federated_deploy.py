@@ -14,7 +14,7 @@ import numpy as np
 from conftest import tiny_model, tiny_tokenizer
 
 from gradot.artifacts import plug_in, save_emulator
-from gradot.baselines import uniform_emulator
+from gradot.methods.uniform import uniform_emulator
 from gradot.federated.deploy import write_flower_app
 from gradot.split import split_model
 
