@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def _settings_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli_options import int_at_least, positive_int
+    from .cli_options import int_at_least, positive_int
 
     g = p.add_argument_group("federation (the model owner's settings, sent to every client each round)")
     g.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
@@ -44,7 +44,7 @@ def _settings_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args, **extra):
-    from .apps import FederationSettings
+    from .federated.apps import FederationSettings
 
     return FederationSettings(rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs,
                               lr=args.lr, batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
@@ -53,8 +53,8 @@ def _settings(args, **extra):
 
 
 def add_commands(sub) -> None:
-    from ..cli_options import positive_int
-    from .partition import PARTITIONS
+    from .cli_options import positive_int
+    from .federated.partition import PARTITIONS
 
     p = sub.add_parser("federate", help="many data owners, one adapter: federated offsite-tuning on Flower")
     fsub = p.add_subparsers(dest="federate_command", required=True)
@@ -91,12 +91,12 @@ def _quiet_flower(verbose: bool) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from ..artifacts import atomic_directory, load_emulator, load_emulator_tokenizer, refuse_existing
-    from ..errors import UsageError
-    from ..progress import stage
-    from .apps import AdapterClient, make_client_app, make_server_app
-    from .partition import client_records
-    from .runtime import run_local
+    from .artifacts import atomic_directory, load_emulator, load_emulator_tokenizer, refuse_existing
+    from .errors import UsageError
+    from .progress import stage
+    from .federated.apps import AdapterClient, make_client_app, make_server_app
+    from .federated.partition import client_records
+    from .federated.runtime import run_local
 
     _quiet_flower(getattr(args, "verbose", False))
     if args.partition == "label" and not args.task:
@@ -144,8 +144,8 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_app(args) -> int:
-    from ..errors import UsageError
-    from .deploy import write_flower_app
+    from .errors import UsageError
+    from .federated.deploy import write_flower_app
 
     try:
         s = _settings(args, min_available=args.min_available)
