@@ -26,6 +26,19 @@ def _acc(path: Path):
     return {k: r[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if k in r}
 
 
+def _relative_change(adapter_dir: Path, original: dict) -> float | None:
+    """||adapter - original|| / ||original|| over every adapter tensor (how far training moved it)."""
+    from safetensors.numpy import load_file
+
+    path = adapter_dir / "adapter.safetensors"
+    if not path.is_file():
+        return None
+    a = load_file(str(path))
+    num = sum(float(((a[k].astype("float64") - original[k]) ** 2).sum()) for k in a)
+    den = sum(float((original[k].astype("float64") ** 2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", required=True)
@@ -34,8 +47,13 @@ def main() -> None:
     ap.add_argument("--emulator-bytes", type=int, required=True, help="size of emulator.safetensors")
     ap.add_argument("--date", required=True)
     ap.add_argument("--code-commit", required=True, help="commit the runs were made with")
+    ap.add_argument("--original", required=True,
+                    help="a keep-1.0 emulator folder: its adapter layers are the original model's (for the change)")
     args = ap.parse_args()
     runs = Path(args.runs)
+    from safetensors.numpy import load_file
+
+    original = load_file(str(Path(args.original) / "emulator.safetensors"))
     rows = []
     full_zs = _acc(runs / "eval-full-zs.json")
     for name in ("fed-iid", "fed-label", "fed-iid-secagg", "fed-label-secagg", "fed5-iid", "fed5-label"):
@@ -55,6 +73,7 @@ def main() -> None:
             "client_train_seconds": [[a["seconds"] for a in r["accepted"]] for r in rounds],
             "adapter_bytes": rec["adapter"]["bytes"], "wall_seconds": rec["wall_seconds"],
             "plugin": _acc(runs / f"eval-{name}.json"),
+            "adapter_relative_change": _relative_change(runs / name / "adapter", original),
             "label_counts": rec.get("label_counts"),
         })
     def single(name):
@@ -62,7 +81,8 @@ def main() -> None:
             return None
         m = json.loads((runs / name / "manifest.json").read_text())["training"]
         return {"steps": m["steps"], "seconds": m["seconds"], "train_loss": m["train_loss"],
-                "examples": m["examples"], "plugin": _acc(runs / f"eval-{name}.json")}
+                "examples": m["examples"], "plugin": _acc(runs / f"eval-{name}.json"),
+                "adapter_relative_change": _relative_change(runs / name, original)}
 
     central = single("central")
     adapter_ft = single("adapter-ft")
@@ -94,15 +114,18 @@ def main() -> None:
     def tr(x):
         return "–" if x is None else f"{x:.2f}"
 
-    lines = ["| setting | plug-in acc (%) | acc_norm (%) | transfer | rounds applied | s / round | client training s / round | sent / round | received / round |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| Full ZS (no adapter) | {pct(full_zs)} | {pctn(full_zs)} | – | – | – | – | – | – |"]
+    def ch(x):
+        return "–" if x is None else f"{100 * x['adapter_relative_change']:.2f}%"
+
+    lines = ["| setting | plug-in acc (%) | acc_norm (%) | transfer | adapter moved | rounds applied | s / round | client training s / round | sent / round | received / round |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| Full ZS (no adapter) | {pct(full_zs)} | {pctn(full_zs)} | – | – | – | – | – | – | – |"]
     if adapter_ft:
         lines.append(f"| Adapter FT (adapter layers trained on the original, {adapter_ft['steps']} steps, all {adapter_ft['examples']} rows) | "
-                     f"{pct(adapter_ft['plugin'])} | {pctn(adapter_ft['plugin'])} | 1 by definition | – | {adapter_ft['seconds']:.0f} s in all | – | – | – |")
+                     f"{pct(adapter_ft['plugin'])} | {pctn(adapter_ft['plugin'])} | 1 by definition | {ch(adapter_ft)} | – | {adapter_ft['seconds']:.0f} s in all | – | – | – |")
     if central:
         lines.append(f"| one data owner with all {central['examples']} rows on the emulator ({central['steps']} steps) | "
-                     f"{pct(central['plugin'])} | {pctn(central['plugin'])} | {tr(central['transfer'])} | – | {central['seconds']:.0f} s in all | – | – | – |")
+                     f"{pct(central['plugin'])} | {pctn(central['plugin'])} | {tr(central['transfer'])} | {ch(central)} | – | {central['seconds']:.0f} s in all | – | – | – |")
     for r in rows:
         label = (f"{len(r['clients'])} clients, {r['partition']}" + (f" (alpha {r['alpha']})" if r["alpha"] else "")
                  + (", SecAgg+" if r["secagg"] else ""))
@@ -110,7 +133,7 @@ def main() -> None:
         sent = sum(r["bytes_sent_per_round"]) / len(r["bytes_sent_per_round"]) / MIB
         recv = sum(r["bytes_received_per_round"]) / len(r["bytes_received_per_round"]) / MIB
         client_s = [sum(c) / len(c) for c in r["client_train_seconds"]]
-        lines.append(f"| {label} | {pct(r['plugin'])} | {pctn(r['plugin'])} | {tr(r['transfer'])} | {r['rounds_applied']}/{r['rounds']} | "
+        lines.append(f"| {label} | {pct(r['plugin'])} | {pctn(r['plugin'])} | {tr(r['transfer'])} | {ch(r)} | {r['rounds_applied']}/{r['rounds']} | "
                      f"{mean_s:.0f} s | {sum(client_s) / len(client_s):.0f} s each | {sent:.1f} MiB | {recv:.1f} MiB |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
