@@ -88,9 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
 
     add_commands(sub)  # the data owner's commands and the pipeline
-    from .cli_federated import add_commands as add_federate
-
-    add_federate(sub)  # many data owners, one adapter (Flower)
     return parser
 
 

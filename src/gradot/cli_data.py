@@ -135,6 +135,8 @@ def add_commands(sub) -> None:
     add_method_options(p)
     p.set_defaults(handler=cmd_pipeline)
 
+    _add_federate(sub)
+
 
 def _records(args):
     from .corpora import load_corpus
@@ -260,3 +262,66 @@ def cmd_pipeline(args) -> int:
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.md, results.json, results.png")
     return 0 if info else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# gradot federate: many data owners, one adapter (Flower; gradot.federated)
+
+
+def _federation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("federation (the model owner's settings, sent to every client each round)")
+    g.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
+    g.add_argument("--local-steps", type=int_at_least(0, "an integer >= 0"), default=10,
+                   help="optimizer steps each client runs per round (0: --local-epochs decide)")
+    g.add_argument("--local-epochs", type=float, default=1.0, help="passes over its data per round when --local-steps is 0")
+    g.add_argument("--lr", type=float, default=1e-4, help="clients' learning rate (AdamW restarts every round)")
+    g.add_argument("--train-batch-size", type=positive_int, default=8, help="examples per step")
+    g.add_argument("--max-length", type=int_at_least(2, "an integer >= 2"), default=256, help="tokens per example")
+    g.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")
+    g.add_argument("--min-clients", type=positive_int, default=2,
+                   help="quorum: a round with fewer accepted updates keeps the previous adapter")
+    g.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds the server waits for a round's replies (silent clients count as failed)")
+    g.add_argument("--secagg", action="store_true",
+                   help="Flower's SecAgg+ (the server sees only the sum of the updates, never one client's)")
+    g.add_argument("--secagg-clip", type=float, default=1.0,
+                   help="SecAgg+ clipping range of each update value (updates are weight differences, ~1e-3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split and of local training (plus the round)")
+    g.add_argument("--max-change", type=float, default=0.0,
+                   help="leave out an update that moves a tensor more than this many times its norm (0: only warn "
+                        "above 1, as plugin does)")
+
+
+def _add_federate(sub) -> None:
+    """``gradot federate simulate|app`` (the handlers: ``gradot.federated.commands``)."""
+    from .federated.commands import cmd_app, cmd_simulate
+    from .federated.partition import PARTITIONS
+
+    p = sub.add_parser("federate", help="many data owners, one adapter: federated offsite-tuning on Flower")
+    fsub = p.add_subparsers(dest="federate_command", required=True)
+
+    s = fsub.add_parser("simulate", help="server and N clients in this process (Flower apps, in-process nodes)")
+    s.add_argument("--emulator", required=True, help="the emulator folder (every simulated data owner gets it)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a task's train split, split over the clients")
+    src.add_argument("--data", help="your own data file (.txt, JSONL with 'text', Alpaca JSON), split IID")
+    s.add_argument("--data-dir", default=None, help="folder with the task files (default: the shared data)")
+    s.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training rows in all")
+    s.add_argument("--num-clients", type=positive_int, default=3, help="simulated data owners")
+    s.add_argument("--partition", choices=PARTITIONS, default="iid",
+                   help="iid: equal random shares; label: label skew, Dirichlet(--alpha) per label (tasks only)")
+    s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of --partition label")
+    s.add_argument("--out", required=True, help="output folder: adapter/ (the aggregate) and federation.json")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--plug-model", default=None,
+                   help="also plug the aggregate into this model ('default', a folder, a .gguf) and write OUT/plugged")
+    _federation_arguments(s)
+    s.set_defaults(handler=cmd_simulate)
+
+    a = fsub.add_parser("app", help="write the Flower App folder for `flwr run` (deployment runtime)")
+    a.add_argument("folder", help="folder to write pyproject.toml into")
+    a.add_argument("--emulator", required=True, help="the model owner's emulator folder (absolute path recommended)")
+    a.add_argument("--out", required=True, help="where the server writes adapter/ and federation.json")
+    a.add_argument("--min-available", type=positive_int, default=2, help="SuperNodes to wait for before round 1")
+    _federation_arguments(a)
+    a.set_defaults(handler=cmd_app)
