@@ -19,10 +19,10 @@ from gradot.provenance import git_commit
 MIB = 2**20
 
 
-def _acc(path: Path):
+def _acc(path: Path, task: str = "arc_easy"):
     if not path.is_file():
         return None
-    r = json.loads(path.read_text())["arc_easy"]
+    r = json.loads(path.read_text())[task]
     return {k: r[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if k in r}
 
 
@@ -101,6 +101,21 @@ def main() -> None:
               "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}; shared 2-core CPU, no GPU",
               "full_model_bytes": args.full_model_bytes, "emulator_bytes": args.emulator_bytes,
               "full_zs": full_zs, "adapter_ft": adapter_ft, "central": central, "federated": rows}
+    # PIQA: 3 clients IID against one owner with all rows (300 validation questions).
+    piqa = None
+    if (runs / "piqa-fed-iid" / "federation.json").is_file():
+        rec = json.loads((runs / "piqa-fed-iid" / "federation.json").read_text())
+        piqa = {"full_zs": _acc(runs / "eval-piqa-full-zs.json", "piqa"),
+                "fed_iid": {"command": rec["command"], "clients": rec["clients"],
+                            "rounds_applied": rec["rounds_applied"],
+                            "seconds_per_round": [r["seconds"] for r in rec["rounds"]],
+                            "plugin": _acc(runs / "eval-piqa-fed-iid.json", "piqa"),
+                            "adapter_relative_change": _relative_change(runs / "piqa-fed-iid" / "adapter", original)},
+                "central": None, "validation_questions": 300}
+        if (runs / "piqa-central" / "manifest.json").is_file():
+            piqa["central"] = {"plugin": _acc(runs / "eval-piqa-central.json", "piqa"),
+                               "adapter_relative_change": _relative_change(runs / "piqa-central", original)}
+    result["piqa"] = piqa
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
