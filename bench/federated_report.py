@@ -88,10 +88,15 @@ def main() -> None:
     adapter_ft = single("adapter-ft")
 
     def transfer(a):
+        """(value, conservative standard error) from gradot.transfer.accuracy_transfer."""
+        from gradot.transfer import accuracy_transfer
+
         if a is None or adapter_ft is None or adapter_ft["plugin"] is None or full_zs is None:
             return None
-        gain = adapter_ft["plugin"]["acc"] - full_zs["acc"]
-        return (a["acc"] - full_zs["acc"]) / gain if gain > 0 else None
+        if adapter_ft["plugin"]["acc"] <= full_zs["acc"]:
+            return None
+        pair = lambda x: (x["acc"], x["acc_stderr"])  # noqa: E731
+        return list(accuracy_transfer(pair(a), pair(full_zs), pair(adapter_ft["plugin"])))
 
     for r in rows:
         r["transfer"] = transfer(r["plugin"])
@@ -127,7 +132,7 @@ def main() -> None:
         return "–" if a is None else f"{100 * a['acc_norm']:.1f} ± {100 * a['acc_norm_stderr']:.1f}"
 
     def tr(x):
-        return "–" if x is None else f"{x:.2f}"
+        return "–" if x is None else f"{x[0]:.2f} ± {x[1]:.2f}"
 
     def ch(x):
         return "–" if x is None else f"{100 * x['adapter_relative_change']:.2f}%"
