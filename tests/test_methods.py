@@ -169,15 +169,47 @@ def test_pipeline_reads_a_registered_method_options(toy_registered):
     assert "stride" in compress_option_names() and "stride" not in runtime_options()
 
 
+def config_fields(cls):
+    from gradot.methods import config_options
+
+    return config_options(cls)
+
+
 def test_cached_cell_settings_keys_unchanged():
     """The pipeline's cached cells are keyed on these settings: the built-in methods offer exactly
     the options they offered before the registry (cells computed then stay valid)."""
     from gradot.methods import compress_option_names, runtime_options
 
-    assert set(compress_option_names()) == {
+    from gradot.methods import distill, scaleot
+
+    trained = {f.name for cls in (distill.DistillConfig, scaleot.ScaleOTConfig) for f in config_fields(cls)}
+    assert set(compress_option_names()) - trained == {
         "adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn", "lambda_mlp",
         "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass"}
-    assert set(runtime_options()) == {"batch_size", "gradient_checkpointing", "layers_per_pass"}
+    assert set(runtime_options()) - trained == {"batch_size", "gradient_checkpointing", "layers_per_pass"}
+
+
+def test_a_folder_recorded_before_new_options_accepts_them_at_their_defaults(tmp_path):
+    """The trained methods' options came later: a folder recorded without them is still claimed when
+    they are at their defaults, and refused when one is not."""
+    from gradot.errors import PipelineSettingsError
+    from gradot.methods import compress_option_names, method_options
+    from gradot.pipeline import PipelineConfig, cell_settings, claim_output_folder
+
+    options = method_options()
+    args = {k: (options[k][0].default if k in options else None) for k in compress_option_names()}
+    args.update(adapter_layers=2, calib_sequences=32, calib_len=256, batch_size=8)
+    cfg = PipelineConfig(model="m", methods=["uniform"], tasks=["arc_easy"], keep=0.7, out=str(tmp_path),
+                         compress_args=args)
+    settings = cell_settings(cfg)
+    old = json.loads(json.dumps(settings))
+    for key in ("distill_steps", "kd_weight", "init", "attn_keep"):
+        del old["compress_args"][key]
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    claim_output_folder(tmp_path, settings)
+    changed = {**settings, "compress_args": {**settings["compress_args"], "distill_steps": 7}}
+    with pytest.raises(PipelineSettingsError, match="distill_steps"):
+        claim_output_folder(tmp_path, changed)
 
 
 def test_method_settings_errors_are_usage_errors(tiny_model_dir, tmp_path, capsys):

@@ -31,6 +31,9 @@ class Slot:
     shares: int | None = None  # emulator position whose weights it re-uses
     ranks: dict[str, int] = field(default_factory=dict)  # low-rank linears and their ranks
     channels: int | None = None  # MLP intermediate channels kept
+    # A trained stand-in (ScaleOT harmonizer) for this span of consecutive original middle layers
+    # (``source`` first); None: the slot derives from ``source`` alone. Written only when set.
+    replaces: list[int] | None = None
 
 
 @dataclass
@@ -72,6 +75,13 @@ def _copy_without_layers(model: nn.Module) -> nn.Module:
         set_module(model, arch.layers, layers)
 
 
+def _slot_entry(slot: Slot) -> dict[str, Any]:
+    entry = asdict(slot)
+    if entry["replaces"] is None:
+        del entry["replaces"]  # manifests without harmonizers are as before
+    return entry
+
+
 def middle_parameter_count(model: nn.Module, split: Split) -> int:
     layers = decoder_layers(model)
     return unique_parameter_count([layers[i] for i in split.middle])
@@ -87,11 +97,13 @@ def assemble(
     method: str,
     keep: float,
     settings: dict[str, Any] | None = None,
+    replaces: dict[int, list[int]] | None = None,
 ) -> Emulator:
     """Build an emulator from compressed middle layers (already new modules, or shared copies).
 
     ``middle_shares[i]`` is the index, among ``middle``, of the layer whose weights position i
-    re-uses (None: own weights). The original ``model`` is left untouched.
+    re-uses (None: own weights). ``replaces[i]``: the span of original middle layers position i
+    of ``middle`` stands in for (a harmonizer). The original ``model`` is left untouched.
     """
     arch = arch_of(model)
     original = decoder_layers(model)
@@ -115,6 +127,7 @@ def assemble(
             shares=None if share is None else share + offset,
             ranks=ranks,
             channels=channels,
+            replaces=(replaces or {}).get(pos - offset) if is_middle else None,
         ))
 
     original_middle = middle_parameter_count(model, split)
@@ -140,6 +153,6 @@ def assemble(
             "emulator_depth": len(layers),
         },
         "settings": settings or {},
-        "slots": [asdict(s) for s in slots],
+        "slots": [_slot_entry(s) for s in slots],
     }
     return Emulator(emu, manifest)

@@ -83,6 +83,19 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def _with_new_option_defaults(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the method options it lacks at their defaults: an option added since the folder
+    was recorded (a newly registered method's) computes, at its default, what the cells computed."""
+    from .methods import method_options
+
+    before, now = old.get("compress_args"), settings.get("compress_args")
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return old
+    options = method_options()
+    added = {k: options[k][0].default for k in now if k not in before and k in options}
+    return {**old, "compress_args": {**before, **added}}
+
+
 def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True) -> None:
     """Refuse a folder whose cells were computed with other settings; record ours otherwise.
 
@@ -94,6 +107,7 @@ def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True
             old = json.loads(path.read_text())
         except ValueError as exc:
             raise PipelineSettingsError(f"{path}: unreadable ({exc})") from None
+        old = _with_new_option_defaults(old, settings)
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
         if changed:
             raise PipelineSettingsError(

@@ -134,7 +134,8 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
     middle_sources = set(split.middle)  # built once: membership per slot below
     if size["emulator_depth"] != len(slots):
         raise bad("size.emulator_depth", size["emulator_depth"], f"the number of slots ({len(slots)})")
-    known = {"source", "role", "shares", "ranks", "channels"}
+    known = {"source", "role", "shares", "ranks", "channels", "replaces"}
+    replaced: set[int] = set()
     middle_positions = range(split.k, len(slots) - split.k)
     for pos, s in enumerate(slots):
         where = f"slots[{pos}]"
@@ -165,6 +166,16 @@ def _validate_emulator_fields(m: dict[str, Any], split: Split, bad) -> None:
             raise bad(f"{where}.channels", channels, "null or a positive integer")
         if shares is not None and ranks:
             raise bad(f"{where}.ranks", ranks, "{} on a position that shares another's weights")
+        span = s.get("replaces")
+        if span is not None:
+            # A harmonizer: a trained stand-in for consecutive middle layers, starting at its source,
+            # each layer replaced once.
+            if (role != "middle" or shares is not None or not isinstance(span, list) or not span
+                    or not all(_is_int(i) for i in span) or span != list(range(source, source + len(span)))
+                    or not set(span) <= middle_sources or set(span) & replaced):
+                raise bad(f"{where}.replaces", span, "null, or on a middle position with its own weights the "
+                          "consecutive middle layers from its source, none replaced twice")
+            replaced |= set(span)
 
 
 def _slots(manifest: dict, where: Path) -> list[Slot]:
@@ -224,6 +235,8 @@ def describe(manifest: dict[str, Any]) -> str:
             detail = []
             if s.get("shares") is not None:
                 detail.append(f"shares weights of position {s['shares']}")
+            if s.get("replaces"):
+                detail.append("harmonizer for layers " + ", ".join(str(i) for i in s["replaces"]))
             if s.get("ranks"):
                 detail.append("ranks " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in s["ranks"].items()))
             if s.get("channels") is not None:

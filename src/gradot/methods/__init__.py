@@ -13,7 +13,7 @@ from dataclasses import Field
 from typing import Any
 
 from ..errors import MethodConfigError
-from . import crash, svd, uniform, wanda
+from . import crash, distill, scaleot, svd, uniform, wanda
 from .base import (
     DEFAULT_KEEP,
     Calibration,
@@ -41,7 +41,7 @@ def register(method: Method) -> Method:
     return method
 
 
-for _method in (uniform.METHOD, crash.METHOD, GRADOT, svd.METHOD, wanda.METHOD):
+for _method in (uniform.METHOD, crash.METHOD, GRADOT, svd.METHOD, wanda.METHOD, distill.METHOD, scaleot.METHOD):
     register(_method)
 
 
