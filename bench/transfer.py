@@ -50,7 +50,9 @@ from gradot.transfer import answer_losses, loss_transfer
 from common import git_commit  # bench/ is on sys.path when a script runs
 
 EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
-                 "refit": str, "ridge": float, "k": int, "calib_data": str}
+                 "refit": str, "ridge": float, "k": int, "calib_data": str,
+                 # trained methods (distill, scaleot) only; no defaults here, so other cells keep their names
+                 "distill_steps": int, "init": str}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
@@ -207,6 +209,7 @@ class Bench:
             return gradot_emulator(self.model, split, cfg, factors, method=method)
         options = dict(adapter_layers=spec["k"], calib=None, calib_sequences=spec["calib"],
                        calib_len=spec["calib_len"], batch_size=8)
+        options.update({k: spec[k] for k in ("distill_steps", "init") if k in spec})
         return compress(self.model, self.tok, method, spec["keep"], options)
 
     def emulator(self, spec: dict):
