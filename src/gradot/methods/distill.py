@@ -38,7 +38,7 @@ from ..emulator import Emulator
 from ..errors import MethodConfigError
 from ..registry import decoder_layers
 from ..split import Split
-from .base import Calibration, MethodConfig, option
+from .base import Calibration, MethodConfig, SimpleMethod, option
 
 #: Methods that train on top of another one's emulator (never an ``--init``).
 TRAINED = ("distill", "scaleot")
@@ -290,17 +290,8 @@ def distill_emulator(model: nn.Module, split: Split, config: DistillConfig, cali
     return emulator
 
 
-class _Distill:
-    name = "distill"
-    help = "OT's distilled emulator: a training-free one (--init) with its middle trained to match the original"
-    config = DistillConfig
-    needs_calibration = True
-
-    def build(self, model, split, config, calibration=None):
-        return distill_emulator(model, split, config, calibration)
-
-
-METHOD = _Distill()
+METHOD = SimpleMethod("distill", "OT's distilled emulator: a training-free one (--init) with its middle trained to "
+                      "match the original", DistillConfig, True, distill_emulator)
 
 __all__ = ["DistillConfig", "METHOD", "TrainOptions", "distillation_loss", "heldout_loss", "middle_parameters",
            "recipe", "train_emulator", "training_batches"]

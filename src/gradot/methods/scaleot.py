@@ -35,7 +35,7 @@ from ..offload import onloaded, plain_copy
 from ..registry import arch_of, decoder_layers, get_module, linear_shape, set_module, weight_out_in
 from ..split import Split
 from ..surgery import LowRankLinear, prune_mlp_channels, to_lowrank, unique_parameter_count
-from .base import Calibration, option
+from .base import Calibration, SimpleMethod, option
 from .distill import TrainOptions, train_emulator
 
 IMPORTANCE = ("bypass-loss", "uniform")
@@ -237,17 +237,8 @@ def scaleot_emulator(model: nn.Module, split: Split, config: ScaleOTConfig, cali
     return emulator
 
 
-class _ScaleOT:
-    name = "scaleot"
-    help = "ScaleOT: least important middle layers replaced by trained harmonizers, attention rank-reduced"
-    config = ScaleOTConfig
-    needs_calibration = True
-
-    def build(self, model, split, config, calibration=None):
-        return scaleot_emulator(model, split, config, calibration)
-
-
-METHOD = _ScaleOT()
+METHOD = SimpleMethod("scaleot", "ScaleOT: least important middle layers replaced by trained harmonizers, attention "
+                      "rank-reduced", ScaleOTConfig, True, scaleot_emulator)
 
 __all__ = ["METHOD", "ScaleOTConfig", "bypass_importance", "choose_replaced", "evenly_spaced", "harmonizer", "reduced_layer",
            "scaleot_emulator", "spans_of"]
