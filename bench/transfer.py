@@ -10,7 +10,8 @@ adapter-gradient cosine at the start (the older proxy); per emulator: achieved k
 token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
-ridge, k, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
+ridge, k, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
+for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
 ``--report-only`` rebuilds ``OUT/transfer.md`` / ``transfer.json`` from the cells there are.
