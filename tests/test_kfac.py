@@ -282,3 +282,21 @@ def test_forward_backward_floor(llama):
     assert isinstance(secs, float) and secs > 0
     assert all(p.grad is None for p in llama.parameters())
     assert all(p.requires_grad for p in llama.parameters())
+
+
+def test_bfloat16_products_close_to_float32(llama):
+    """Products from bfloat16 copies, summed in float32: the factors stay float32, symmetric, and
+    within bfloat16's rounding of the exact ones; ``grad`` is unchanged."""
+    modules = _llama_modules(llama)
+    batches = _batches()
+    exact = collect_kfac(llama, modules, batches, progress=False)
+    low = collect_kfac(llama, modules, batches, progress=False, products=torch.bfloat16)
+    for name, f in exact.items():
+        g = low[name]
+        for a, b in ((f.A, g.A), (f.G, g.G)):
+            assert b.dtype == torch.float32 and torch.equal(b, b.T)
+            rel = (a - b).norm() / a.norm()
+            assert 0 < rel < 2e-2, (name, float(rel))  # rounded, but only by bfloat16's 8 bits
+        torch.testing.assert_close(g.grad, f.grad)
+    with pytest.raises(ValueError, match="products"):
+        collect_kfac(llama, modules, batches, progress=False, products=torch.int8)
