@@ -46,6 +46,17 @@ def tiny_config(model_type: str, layers: int = 6):
 ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox", "phi3", "gemma2"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from intra-op threads, and spinning OpenMP workers slow training badly
+    when the machine's cores are busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ARCHS)
 def arch_name(request):
     return request.param

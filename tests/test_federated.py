@@ -17,7 +17,8 @@ from gradot.federated.runtime import run_local
 from gradot.finetune import FinetuneConfig, finetune_adapter
 from gradot.split import split_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z the of and to in is was for on as with by at".split()
 
@@ -30,14 +31,6 @@ def _records(n, seed):
 
 #: Three data owners of different sizes, so the weighting by example counts shows.
 DATA = [_records(2, 1), _records(4, 2), _records(6, 3)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _emulator(seed=0):

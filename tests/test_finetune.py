@@ -27,17 +27,8 @@ from gradot.finetune import (
 from gradot.registry import decoder_layers
 from gradot.split import split_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and spinning OpenMP workers slow training
-    # badly when the machine's cores are busy with other work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # Six distinct examples: with batch_size 2 an epoch is 3 steps, so 4 steps cross an epoch boundary

@@ -20,15 +20,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from gradot.lmeval_tasks import EVAL_TASKS, HARNESS_PREFIX, build_configs  # noqa: E402
 from gradot.scorer import FastHFLM, _runs  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:

@@ -1083,12 +1083,8 @@ def test_layers_that_compute_by_position_are_refused():
 def test_aliases_must_match_the_architectures_sharing(emulator_dir):
     # Tie a frozen middle weight to a trainable adapter weight: same shapes, hashes updated.
     key, target = "model.layers.2.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"
-    tensors = read_st(emulator_dir / EMU)
-    del tensors[key]
-    save_file(tensors, emulator_dir / EMU)
+    _drop_tensor(emulator_dir, key, EMU)
     m = read_manifest(emulator_dir)
-    del m["files"][EMU]["tensors"][key]
-    m["files"][EMU]["sha256"] = sha256_file(emulator_dir / EMU)
     m["aliases"][key] = target
     write_manifest(emulator_dir, m)
     with pytest.raises(ArtifactError, match="'aliases' do not match the layer sharing") as exc:
@@ -1173,13 +1169,14 @@ def test_only_the_owners_split_is_ever_plugged(shipped, tmp_path, capsys):
                        torch.zeros_like(before["model.layers.2.mlp.up_proj.weight"]))
 
 
-def _drop_tensor(folder: Path, key: str) -> None:
-    tensors = read_st(folder / ADA)
+def _drop_tensor(folder: Path, key: str, filename: str = ADA) -> None:
+    """Remove one tensor from an artifact's file, its manifest entry and hash updated to match."""
+    tensors = read_st(folder / filename)
     del tensors[key]
-    save_file(tensors, folder / ADA)
+    save_file(tensors, folder / filename)
     m = read_manifest(folder)
-    del m["files"][ADA]["tensors"][key]
-    m["files"][ADA]["sha256"] = sha256_file(folder / ADA)
+    del m["files"][filename]["tensors"][key]
+    m["files"][filename]["sha256"] = sha256_file(folder / filename)
     write_manifest(folder, m)
 
 
