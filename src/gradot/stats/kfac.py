@@ -247,6 +247,11 @@ _GRAM_BLOCK = 128
 _GRAM_MAX_BLOCKS = 4
 
 
+def _gram_block_width(n: int) -> int:
+    """Width of the column blocks a Gram matrix of ``n`` columns is accumulated in (``n``: one block)."""
+    return -(-n // max(1, min(_GRAM_MAX_BLOCKS, n // _GRAM_BLOCK)))
+
+
 def _accumulate_gram(acc: Tensor | None, rows: Tensor, products: torch.dtype = torch.float32) -> Tensor:
     """Add ``rows^T rows`` to the upper block triangle of ``acc`` (``_symmetrize_`` completes it).
 
@@ -259,14 +264,13 @@ def _accumulate_gram(acc: Tensor | None, rows: Tensor, products: torch.dtype = t
     if products != torch.float32:
         return _accumulate_gram_low(acc, rows, products)
     n = rows.shape[1]
-    blocks = max(1, min(_GRAM_MAX_BLOCKS, n // _GRAM_BLOCK))
+    width = _gram_block_width(n)
     if acc is None:
-        if blocks == 1:
+        if width == n:
             return torch.mm(rows.T, rows)
         acc = torch.zeros(n, n, dtype=rows.dtype, device=rows.device)
-    if blocks == 1:
+    if width == n:
         return acc.addmm_(rows.T, rows)
-    width = -(-n // blocks)
     for start in range(0, n, width):
         stop = min(n, start + width)
         # rows start..stop of the result, from the diagonal block to the right edge
@@ -280,7 +284,7 @@ def _accumulate_gram_low(acc: Tensor | None, rows: Tensor, products: torch.dtype
     low = rows.to(products)
     if acc is None:
         acc = torch.zeros(n, n, dtype=torch.float32, device=rows.device)
-    width = -(-n // max(1, min(_GRAM_MAX_BLOCKS, n // _GRAM_BLOCK)))
+    width = _gram_block_width(n)
     for start in range(0, n, width):
         stop = min(n, start + width)
         acc[start:stop, start:].add_(torch.mm(low[:, start:stop].T, low[:, start:]))
