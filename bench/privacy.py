@@ -14,7 +14,18 @@ perplexity) against the original's;
 (c) from a pipeline results JSON (``--pipeline-json``, optional): Emu ZS accuracy and
     Δ = Plug-in − Emu FT, the task-level measures of the same question.
 
+The trained methods (``distill``, ``scaleot``) are built through the registry like the others; their
+training text is its own set of WikiText-2 valid sequences (``--train-sequences`` × ``--train-len``,
+cut into batches of ``--train-batch``: the last ``--distill-batch`` sequences are held back), and
+their budget is ``--distill-steps`` steps of ``--distill-batch`` sequences (defaults: the
+results/trained recipe, 30 steps of 4 × 128 tokens, minutes on a CPU; the command line's default is
+100 steps). ``--option NAME=VALUE`` sets any other registered method option (``init=gradot``,
+``harmonizer_lr=3e-3``). A trained layer is measured against the original layer its slot names; its
+entries are not bit-exact (see ``gradot.privacy``).
+
     nice -n 10 python bench/privacy.py --model default --keep 0.4 --calib-sequences 8 --calib-len 256 --ppl-sequences 4
+    OMP_NUM_THREADS=1 nice -n 10 python bench/privacy.py --model default --keep 0.4 --calib-sequences 8 \
+        --calib-len 256 --ppl-sequences 4 --methods uniform,gradot,distill,scaleot --out results/privacy-trained
 """
 
 from __future__ import annotations
@@ -40,9 +51,11 @@ from gradot.privacy import measure
 from gradot.proxy import perplexity
 from gradot.split import split_model
 from gradot.tasks import resolve_data_dir
-from common import build_emulator, git_commit  # bench/ is on sys.path when a script runs
+from common import build_emulator, git_commit, method_variant  # bench/ is on sys.path when a script runs
 
-METHODS = ("uniform", "crash", "svd", "gradot", "gradot-global-layers")
+METHODS = ("uniform", "crash", "svd", "gradot", "gradot-global-layers", "distill", "scaleot")
+#: Methods trained on text (their emulator is built from the training text, not the calibration text).
+TRAINED = ("distill", "scaleot")
 
 
 def parse_args(argv=None):
@@ -58,6 +71,15 @@ def parse_args(argv=None):
     p.add_argument("--calib-batch", type=int, default=4)
     p.add_argument("--ppl-sequences", type=int, default=8)
     p.add_argument("--ppl-len", type=int, default=512)
+    g = p.add_argument_group("trained methods (distill, scaleot)")
+    g.add_argument("--distill-steps", type=int, default=30, help="training steps (CLI default 100)")
+    g.add_argument("--distill-batch", type=int, default=4, help="sequences per training step")
+    g.add_argument("--train-sequences", type=int, default=40, help="WikiText-2 valid sequences of training text")
+    g.add_argument("--train-len", type=int, default=128, help="tokens per training sequence")
+    g.add_argument("--train-batch", type=int, default=8,
+                   help="batch size the training text is cut into (scaleot's --importance-batches count these)")
+    g.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other registered method option (repeatable), e.g. init=gradot")
     p.add_argument("--pipeline-json", default=None, help="results.json of `gradot pipeline` (for Emu ZS and Δ)")
     p.add_argument("--out", default="results/privacy")
     p.add_argument("--seed", type=int, default=0)
@@ -90,12 +112,45 @@ def pipeline_rows(path: str | None, methods: list[str], keep: float) -> tuple[di
     return rows, note
 
 
-def build(method: str, model, split, keep: float, lam: float, calib, get_factors):
+def method_options(args) -> dict:
+    """The method options the bench sets: λ, the trained methods' budget, and every ``--option``
+    (typed by the registered option's kind)."""
+    from gradot.methods import method_options as registered
+
+    known = registered()
+    options = {"lambda_attn": args.lam, "lambda_mlp": args.lam,
+               "distill_steps": args.distill_steps, "distill_batch": args.distill_batch}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in known:
+            raise SystemExit(f"--option {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+        kind = known[name][0].metadata["kind"]
+        options[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return options
+
+
+def build(method: str, model, split, keep: float, options: dict, calib, train, get_factors):
     """``method`` through the registry (``gradot`` is its global allocation, ``gradot-global-layers``
-    the whole-layer one); KFAC factors collected once, only if a method needs them."""
+    the whole-layer one); KFAC factors collected once, only if a method needs them. The trained
+    methods read ``train`` as their text."""
     label = "gradot-global" if method == "gradot" else method
-    return build_emulator(label, model, split, keep, batches=calib, factors=get_factors,
-                          options={"lambda_attn": lam, "lambda_mlp": lam}, method_name=method)
+    return build_emulator(label, model, split, keep, batches=train if method in TRAINED else calib,
+                          factors=get_factors, options=options, method_name=method)
+
+
+def training_summary(manifest: dict) -> dict | None:
+    """What a trained emulator's manifest records of its training (None for the others)."""
+    run = manifest.get("settings", {}).get("training")
+    if not run:
+        return None
+    held = run.get("heldout") or {}
+    out = {k: run.get(k) for k in ("steps", "tokens", "lr", "trained_params", "seconds")}
+    out.update(loss_before=held.get("loss_before"), loss_after=held.get("loss_after"))
+    harmonizers = manifest["settings"].get("harmonizers")
+    if harmonizers is not None:
+        out["harmonizers"] = [h["replaces"] for h in harmonizers]
+    return out
 
 
 def fmt(x, spec=".3f"):
@@ -105,6 +160,8 @@ def fmt(x, spec=".3f"):
 def main(argv=None):
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:  # an unknown name fails here, not after the model is loaded
+        method_variant("gradot-global" if m == "gradot" else m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -116,6 +173,11 @@ def main(argv=None):
                                                      args.calib_len, args.calib_batch))
     test_text = resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.test.raw"
     ppl_batches = calibration_batches(tok, CalibrationSpec(str(test_text), args.ppl_sequences, args.ppl_len, 2))
+    options = method_options(args)
+    train = None
+    if any(m in TRAINED for m in methods):
+        train = calibration_batches(tok, CalibrationSpec(str(default_calibration_path()), args.train_sequences,
+                                                         args.train_len, args.train_batch))
     original_ppl = perplexity(model, ppl_batches)
     print(f"original: WikiText-2 test token perplexity {original_ppl:.2f}", flush=True)
 
@@ -133,7 +195,7 @@ def main(argv=None):
     results = []
     for method in methods:
         t0 = time.perf_counter()
-        emu = build(method, model, split, args.keep, args.lam, calib, get_factors)
+        emu = build(method, model, split, args.keep, options, calib, train, get_factors)
         build_s = time.perf_counter() - t0
         # Measure the artifact the data owner actually receives: saved, then re-loaded and validated.
         with tempfile.TemporaryDirectory(prefix="gradot-privacy-") as tmp:
@@ -146,7 +208,7 @@ def main(argv=None):
         row = {
             "method": method, "keep_achieved": size["keep_achieved"], "depth": size["emulator_depth"],
             "emulator_params": size["emulator_params"], "perplexity": ppl, "build_seconds": build_s,
-            **report.summary(), "pipeline": pipe.get(method, {}),
+            **report.summary(), "training": training_summary(shipped.manifest), "pipeline": pipe.get(method, {}),
             "layers": report.to_dict()["layer_status"], "per_matrix": report.to_dict()["matrices"],
         }
         results.append(row)
@@ -184,7 +246,7 @@ def markdown(info: dict, args) -> str:
         "*own*: what the emulator ships for that layer (dropped → Ŵ = 0); *best*: the best of that, zero, and any "
         "same-role same-shape matrix the emulator ships for another layer (an optimistic bound for the attacker). "
         "*block*: one relative error over all middle matrices together. *exact*: fraction of middle-block "
-        "parameters shipped bit-exactly.", "",
+        "parameters shipped bit-exactly (a trained entry is not).", "",
         "| method | achieved keep | depth | mean error own | mean error best | block error own | block error best "
         "| exact | perplexity | Emu ZS | Δ |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -200,8 +262,25 @@ def markdown(info: dict, args) -> str:
     lines += ["", f"Emu ZS (task-average accuracy, %) and Δ = Plug-in − Emu FT: {info['pipeline_note']}."]
     if info.get("pipeline_full_zs"):
         lines[-1] += f" Full ZS {100 * info['pipeline_full_zs'][0]:.1f}."
+    trained = [r for r in rows if r.get("training")]
+    if trained:
+        lines += ["", f"Trained methods: {args.distill_steps} steps of {args.distill_batch} sequences of "
+                  f"{args.train_len} tokens from {args.train_sequences} WikiText-2 valid sequences (the last "
+                  f"{args.distill_batch} held back)" + (f"; options {', '.join(args.option)}" if args.option else "")
+                  + ".", "", "| method | steps | tokens | trained parameters | training s | held-back distill loss "
+                  "before → after | harmonizer spans |", "|---|---|---|---|---|---|---|"]
+        for r in trained:
+            t = r["training"]
+            spans = "; ".join(f"{h[0]}–{h[-1]}" if len(h) > 1 else str(h[0])
+                              for h in t.get("harmonizers") or [])
+            lines.append(f"| {r['method']} | {t['steps']} | {t['tokens']} | {t['trained_params']:,} | "
+                         f"{t['seconds']} | {fmt(t['loss_before'])} → {fmt(t['loss_after'])} | {spans or '–'} |")
     # Per-layer view: what ships of each original middle layer, and its mean own error.
-    lines += ["", "What ships of each original middle layer (mean own error over its matrices):", "",
+    lines += ["", "What ships of each original middle layer (mean own error over its matrices). *kept*: a "
+              "bit-exact copy; *modified*: shipped at full shape but not bit-exactly (a distilled layer); "
+              "*harmonizer*: the first layer of a span a ScaleOT harmonizer stands in for (the harmonizer was cut "
+              "from it, then trained); *replaced*: another layer of that span (nothing of it ships); *nothing*: "
+              "dropped.", "",
               "| layer | " + " | ".join(r["method"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for layer in info["middle_layers"]:
         cells = []

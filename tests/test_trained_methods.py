@@ -181,3 +181,126 @@ def test_compress_cli_offers_the_trained_methods(tmp_path):
     assert manifest["settings"]["training"]["steps"] == 3
     assert "distill_checkpoint" not in manifest["settings"]["training"]["recipe"]  # a runtime setting
     load_emulator(out)
+
+
+# --------------------------------------------------------------------------------------------- privacy measures
+
+
+def shipped(emu, tmp_path, name):
+    """The emulator as the data owner receives it: saved, then re-loaded."""
+    save_emulator(emu, tmp_path / name)
+    return load_emulator(tmp_path / name)
+
+
+def test_privacy_measure_of_a_distilled_emulator(tmp_path):
+    """A distilled layer is scored against the original layer its slot names: before training it is that
+    layer bit for bit (error 0, counted exact); trained, every matrix is near it but not exact."""
+    from gradot.privacy import measure, relative_error
+
+    model = tiny_model("llama", layers=8)
+    split = split_model(model, 2)
+    untrained = shipped(build("distill", model, distill_steps=1, distill_lr=0.0), tmp_path, "untrained")
+    r0 = measure(model, untrained.model, untrained.manifest, split.middle)
+    kept = {s["source"] for s in untrained.manifest["slots"] if s["role"] == "middle"}
+    assert 0 < len(kept) < len(split.middle)
+    for m in r0.matrices:
+        assert m.own_error == (0.0 if m.layer in kept else 1.0), m
+    assert r0.exact_fraction == pytest.approx(untrained.manifest["size"]["keep_achieved"])
+    assert {r0.layer_status[i] for i in kept} == {"kept"}
+
+    trained = shipped(build("distill", model), tmp_path, "trained")
+    r = measure(model, trained.model, trained.manifest, split.middle)
+    orig, emu = decoder_layers(model), decoder_layers(trained.model)
+    for pos, slot in enumerate(trained.manifest["slots"]):
+        if slot["role"] != "middle":
+            continue
+        for m in (m for m in r.matrices if m.layer == slot["source"]):
+            W = orig[slot["source"]].get_submodule(m.name).weight
+            assert m.kind == "dense" and m.modified and m.shipped_exact < 0.01, m
+            assert 0 < m.own_error < 0.5
+            assert m.own_error == pytest.approx(relative_error(W, emu[pos].get_submodule(m.name).weight), rel=1e-9)
+    assert all(m.own_error == 1.0 for m in r.matrices if m.layer not in kept)
+    assert {r.layer_status[i] for i in kept} == {"modified"} and r.layer_status[3] == "nothing"
+    assert r.exact_params < 0.01 * r.middle_params < r0.exact_params
+    assert r0.mean_own_error < r.mean_own_error < 1
+
+
+def test_privacy_measure_of_a_scaleot_emulator(tmp_path):
+    """A harmonizer is scored as its span's first layer (it is cut from it: rank-``width`` attention, the
+    output projections zero until trained); the span's other layers ship nothing (error 1); the
+    remaining layers are truncated-SVD attention with their MLP shipped exactly."""
+    from gradot.privacy import measure
+
+    model = tiny_model("llama", layers=8)
+    split = split_model(model, 2)
+    width = OPTIONS["harmonizer_width"]
+    untrained = shipped(build("scaleot", model, keep=0.45, harmonizer_lr=0.0), tmp_path, "untrained")
+    r0 = measure(model, untrained.model, untrained.manifest, split.middle)
+    slots = [s for s in untrained.manifest["slots"] if s["role"] == "middle"]
+    spans = [s["replaces"] for s in slots if s.get("replaces")]
+    assert any(len(span) > 1 for span in spans)  # a span with a layer that ships nothing
+    orig = decoder_layers(model)
+
+    def matrix(report, layer, name):
+        return next(m for m in report.matrices if m.layer == layer and m.name == name)
+
+    for span in spans:
+        first = span[0]
+        assert r0.layer_status[first] == "harmonizer"
+        for name in ("self_attn.o_proj", "mlp.down_proj"):  # zero-initialised: nothing of the original
+            assert matrix(r0, first, name).own_error == 1.0
+        S = torch.linalg.svdvals(orig[first].self_attn.q_proj.weight.detach().double())
+        assert matrix(r0, first, "self_attn.q_proj").own_error == pytest.approx(float(S[width:].norm() / S.norm()),
+                                                                                 rel=1e-4)
+        assert matrix(r0, first, "mlp.up_proj").shipped_exact == 1.0  # its `width` strongest channels, copied
+        for i in span[1:]:
+            assert r0.layer_status[i] == "replaced"
+            assert all(m.own_error == 1.0 and m.kind == "none" for m in r0.matrices if m.layer == i)
+    for s in slots:
+        if not s.get("replaces"):
+            assert r0.layer_status[s["source"]] == "lowrank"
+            assert matrix(r0, s["source"], "mlp.down_proj").own_error == 0.0
+    assert r0.middle_params > r0.exact_params > 0
+
+    trained = shipped(build("scaleot", model, keep=0.45), tmp_path, "trained")
+    assert trained.manifest["slots"] == untrained.manifest["slots"]
+    r = measure(model, trained.model, trained.manifest, split.middle)
+    for span in spans:
+        assert matrix(r, span[0], "mlp.up_proj").modified  # trained channels are not the original's
+        assert matrix(r, span[0], "self_attn.o_proj").own_error != 1.0  # trained away from zero
+        assert all(m.own_error == 1.0 for m in r.matrices if m.layer in span[1:])
+    for a, b in zip(r0.matrices, r.matrices):  # only the harmonizers were trained
+        if r.layer_status[a.layer] not in ("harmonizer", "replaced"):
+            assert a.own_error == b.own_error and a.best_error == b.best_error
+    assert r.exact_params < r0.exact_params
+
+
+def test_privacy_bench_measures_the_trained_methods(tmp_path, monkeypatch):
+    """bench/privacy.py builds distill and scaleot through the registry with its training budget and
+    writes their rows, training and the per-layer view."""
+    from conftest import tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model("llama", layers=8).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import privacy as bench
+
+    out = tmp_path / "out"
+    bench.main(["--model", str(folder), "--keep", "0.45", "--methods", "uniform,distill,scaleot",
+                "--calib-sequences", "4", "--calib-len", "16", "--ppl-sequences", "2", "--ppl-len", "16",
+                "--train-sequences", "12", "--train-len", "16", "--train-batch", "4", "--distill-steps", "2",
+                "--option", "harmonizer_width=4", "--out", str(out)])
+    info = json.loads((out / "privacy.json").read_text())
+    rows = {r["method"]: r for r in info["rows"]}
+    assert rows["uniform"]["training"] is None
+    for method in ("distill", "scaleot"):
+        t = rows[method]["training"]
+        assert (t["steps"], t["tokens"]) == (2, 2 * 4 * 16)
+        assert 0 < rows[method]["mean_own_error"] <= 1 + 1e-6
+    assert rows["distill"]["exact_fraction"] < rows["uniform"]["exact_fraction"]
+    assert rows["scaleot"]["training"]["harmonizers"] and "harmonizer" in rows["scaleot"]["layers"].values()
+    md = (out / "privacy.md").read_text()
+    assert "| distill | 2 | 128 |" in md and info["command"].startswith("python bench/privacy.py --model")
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(folder), "--methods", "uniform,nonesuch", "--out", str(out)])

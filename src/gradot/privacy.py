@@ -15,6 +15,20 @@ reconstructions are scored with the relative Frobenius error ``||W - Ŵ|| / ||W|
 Reconstructions use only the emulator's modules; the original is used to score them and to place
 the kept rows of a channel-pruned matrix (the manifest does not record which channels survived; a
 kept row equals exactly one original row, so nearest-row matching recovers the index).
+
+Trained emulators (``distill``, ``scaleot``) are measured by the same rules; the manifest's slots say
+which original layer each emulator layer came from (``source``), and that is the layer it is scored
+against:
+
+* A *distilled* middle layer is a trained copy of its source layer: its matrices ship at full shape
+  (``dense``) and are the attacker's ``own`` reconstruction of that layer, with a small error that
+  grows with training (0 before any step). Its entries are not bit-exact, so they do not count in
+  ``exact``; a matrix whose shipped entries are not all bit-exact is reported ``modified``.
+* A ScaleOT *harmonizer* stands in for a span of original layers (``replaces``). It was cut from the
+  span's first layer (rank-reduced attention, a few MLP channels, output projections zeroed) and then
+  trained, so it is scored as that first layer's ``own`` reconstruction (low-rank and pruned, like any
+  compressed layer); the span's other layers ship nothing (``own``: Ŵ = 0, error 1; status
+  ``replaced``), and ``best`` tries the harmonizer's same-shape matrices for them like any other.
 """
 
 from __future__ import annotations
@@ -49,6 +63,15 @@ class MatrixReport:
     norm: float  # ||W||_F
     own_sq_error: float  # ||W - Ŵ_own||_F^2 (for block-level aggregation)
     best_sq_error: float
+    # Of the entries the emulator ships as such (dense, or kept rows/columns), the share that is
+    # bit-exact: 1 for a copied or pruned matrix, about 0 for a trained one; None if none ship as such
+    # (nothing, or a low-rank product).
+    shipped_exact: float | None = None
+
+    @property
+    def modified(self) -> bool:
+        """Shipped entries that are not the original's bits (a trained or re-cast matrix)."""
+        return self.shipped_exact is not None and self.shipped_exact < 1
 
 
 @dataclass
@@ -162,6 +185,12 @@ def _owner_positions(manifest: dict) -> dict[int, int]:
     return out
 
 
+def _replaced_layers(manifest: dict) -> dict[int, int]:
+    """Original layer -> its harmonizer's source, for every layer a harmonizer stands in for (its source
+    included)."""
+    return {i: slot["source"] for slot in manifest["slots"] for i in (slot.get("replaces") or [])}
+
+
 def _bias_reconstruction(orig_module: nn.Module, emu_module: nn.Module | None,
                          weight_rec: Reconstruction) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(value, shipped mask) for the original linear's bias (None if it has none)."""
@@ -192,6 +221,7 @@ def measure(original: nn.Module, emulator_model: nn.Module, manifest: dict, midd
     orig_layers = decoder_layers(original)
     emu_layers = decoder_layers(emulator_model)
     owners = _owner_positions(manifest)
+    replaced = _replaced_layers(manifest)
     # Every matrix the emulator ships, per linear name: (emulator position, dense out x in product).
     stored = sorted(set(owners.values()) | {p for p, s in enumerate(manifest["slots"]) if s.get("shares") is None})
     candidates: dict[str, list[tuple[int, torch.Tensor]]] = {n: [] for n in linears}
@@ -231,7 +261,10 @@ def measure(original: nn.Module, emulator_model: nn.Module, manifest: dict, midd
                 best_source=best_source, norm=norm, own_sq_error=own_sq, best_sq_error=best_sq,
             ))
             # Exactly shipped parameters: the weight (in its stored convention) and its bias.
-            report.exact_params += exact_count(W, rec)
+            exact = exact_count(W, rec)
+            n_shipped = int(rec.shipped.sum())
+            report.matrices[-1].shipped_exact = exact / n_shipped if n_shipped else None
+            report.exact_params += exact
             handled.add(f"{n}.weight")
             b = _bias_reconstruction(orig_module, emu_module, rec)
             if b is not None:
@@ -247,11 +280,14 @@ def measure(original: nn.Module, emulator_model: nn.Module, manifest: dict, midd
             q = emu_params.get(name)
             if q is not None and q.shape == p.shape:
                 report.exact_params += int((q.detach() == p.detach()).sum())
+        mine = [m for m in report.matrices if m.layer == i]
         if emu_layer is None:
-            status = "nothing"
+            status = "replaced" if i in replaced else "nothing"
+        elif replaced.get(i) == i:
+            status = "harmonizer"
         else:
             shared = sum(1 for s in manifest["slots"] if s["source"] == i) > 1
-            parts = sorted(kinds - {"dense"})
+            parts = sorted(kinds - {"dense"}) + (["modified"] if any(m.modified for m in mine) else [])
             status = "+".join(parts) if parts else "kept"
             if shared:
                 status += " (shared)"
