@@ -362,8 +362,7 @@ def describe(spec: dict, defaults: dict) -> str:
     return f"{spec['method']} {text}".strip() if "method" in spec else (text or "default")
 
 
-def report(args, out: Path, rows, refs, missing):
-    tasks = args.tasks.split(",")
+def report(args, out: Path, rows, refs, missing, tasks):
     lines = ["# Transfer bench", "",
              f"Command: `{' '.join(['python', 'bench/transfer.py', *sys.argv[1:]])}`  ",
              f"Commit {git_commit()}; {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
@@ -415,8 +414,8 @@ def plot_frontier(rows, path: Path) -> None:
         label = describe(e, EMULATOR_DEFAULTS) + ("" if describe(r["recipe"], RECIPE_DEFAULTS) == "default"
                                                   else f" [{describe(r['recipe'], RECIPE_DEFAULTS)}]")
         series.setdefault(label, []).append(r)
-    for label, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["keep_achieved"] or 0)
+    for label, rs in series.items():  # a row whose emulator record is missing has no privacy figure
+        rs = sorted((r for r in rs if r["perplexity"] is not None), key=lambda r: r["keep_achieved"] or 0)
         for ax, x in zip(axes, ("perplexity", "emu_loss_before")):
             xs = [r[x] for r in rs]
             ax.errorbar(xs, [r["transfer_mean"] for r in rs], yerr=[r["transfer_se"] for r in rs],
@@ -453,12 +452,18 @@ def main(argv=None):
                 if value is not None:
                     r = value["transfer"]
                     print(f"{task:11s} {slug(espec):40s} {slug(recipe):28s} transfer {r[0]:.3f} ± {r[1]:.3f}", flush=True)
-        em = bench.out / "cells" / f"emulator-{slug(espec)}.json"
-        if em.exists():
-            emu_rows[slug(espec)] = json.loads(em.read_text())
+    # The report covers every cell in the folder, not only this command's: a narrow rerun must not
+    # drop earlier rows from transfer.md.
+    for path in sorted((bench.out / "cells").glob("cell-*.json")):
+        value = json.loads(path.read_text())
+        key = (json.dumps(value["emulator"], sort_keys=True), json.dumps(value["recipe"], sort_keys=True))
+        cells.setdefault(key, {})[value["task"]] = value
+    for path in sorted((bench.out / "cells").glob("emulator-*.json")):
+        emu_rows[path.stem[len("emulator-"):]] = json.loads(path.read_text())
     refs = [json.loads(p.read_text()) for p in sorted((bench.out / "cells").glob("reference-*.json"))]
+    tasks = sorted({task for per_task in cells.values() for task in per_task}, key=lambda t: (t not in tasks, t))
     rows = summarize([(json.loads(e), json.loads(r), v) for (e, r), v in cells.items()], emu_rows, tasks)
-    report(args, bench.out, rows, refs, missing)
+    report(args, bench.out, rows, refs, missing, tasks)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,35 @@ def test_compensation_refuses_shared_layers_and_bad_settings():
         compensate(model, emu, calib_batches(), scope="first")
     with pytest.raises(ValueError):
         compensate(model, emu, calib_batches(), ridge=0)
+
+
+def test_bench_report_keeps_every_cached_cell(tmp_path, monkeypatch):
+    """bench/transfer.py's report covers every cell in its folder: a rerun for one emulator must not
+    drop the rows of earlier commands from transfer.md."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import transfer as bench
+
+    def cell(task, spec_text, recipe_text, ratio):
+        emulator = bench.parse_spec(spec_text, bench.EMULATOR_KEYS, bench.EMULATOR_DEFAULTS, True)
+        recipe = bench.parse_spec(recipe_text, bench.RECIPE_KEYS, bench.RECIPE_DEFAULTS, False)
+        value = {"task": task, "emulator": emulator, "recipe": recipe, "transfer": [ratio, 0.01],
+                 "emu_before": [7.0], "emu_after": [5.0], "grad_cosine": [0.3, 0.05],
+                 "training": {"seconds_per_step": 1.0}}
+        name = f"cell-{task}-{bench.slug(emulator)}-{bench.slug(recipe)}.json"
+        (tmp_path / "cells" / name).write_text(json.dumps(value))
+        record = {"keep_achieved": emulator["keep"], "perplexity": 100.0, "compress_seconds": 1.0}
+        (tmp_path / "cells" / f"emulator-{bench.slug(emulator)}.json").write_text(json.dumps(record))
+
+    (tmp_path / "cells").mkdir()
+    cell("arc_easy", "uniform:keep=0.4", "steps=30", 0.061)
+    cell("sciq", "gradot:keep=0.7", "steps=30,lr=3e-4", 0.792)
+    bench.main(["--out", str(tmp_path), "--report-only", "--tasks", "arc_easy",
+                "--emulators", "uniform:keep=0.4", "--recipes", "steps=30"])
+    md = (tmp_path / "transfer.md").read_text()
+    assert "| uniform keep=0.4 | steps=30 |" in md and "**0.06 ± 0.01**" in md
+    assert "| gradot keep=0.7 | lr=0.0003, steps=30 |" in md and "**0.79 ± 0.01**" in md
+    assert "| arc_easy | sciq |" in md  # the requested task first, then the others the folder holds
+    assert len(json.loads((tmp_path / "transfer.json").read_text())["rows"]) == 2
