@@ -115,6 +115,8 @@ def add_commands(sub) -> None:
     p.add_argument("--keep", type=keep_fraction, default=DEFAULT_KEEP, help="fraction of middle-block parameters to keep")
     p.add_argument("--adapter-layers", type=positive_int, default=2, help="k bottom and k top layers form the adapter")
     p.add_argument("--full-ft", action="store_true", help="also fine-tune the full model (the upper bound)")
+    p.add_argument("--full-lr", type=float, default=None,
+                   help="learning rate of Full FT (default: FULL_LR, 2e-5); --lr sets only the adapters'")
     p.add_argument("--no-adapter-ft", dest="adapter_ft", action="store_false",
                    help="skip the Adapter FT row (the adapter layers trained on the original itself, the "
                         "denominator of transfer); saves one fine-tuning of the full model per task")
@@ -243,6 +245,7 @@ def cmd_pipeline(args) -> int:
         adapter_ft=args.adapter_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
+        full_learning_rate=args.full_lr,
         max_length=args.max_length,
         lora_r=args.lora_r, seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device),
         bf16=args.bf16, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints,

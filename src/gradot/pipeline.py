@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
-from .finetune import FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
+from .finetune import FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
 from .lmeval_tasks import evaluate
 from .methods import compress, runtime_options
 from .pipeline_report import write_report
@@ -54,7 +54,8 @@ class PipelineConfig:
     batch_size: int = 8
     max_length: int = 256  # tokens per training example
     eval_batch_size: int = 8
-    learning_rate: float | None = None
+    learning_rate: float | None = None  # adapter fine-tuning (None: the task's default, TASK_LR)
+    full_learning_rate: float | None = None  # Full FT (None: FULL_LR); every parameter moves, so lower
     lora_r: int = 0
     seed: int = 0
     data_dir: str | None = None
@@ -77,10 +78,36 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
         "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
         "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "learning_rate": cfg.learning_rate,
+        "full_learning_rate": cfg.full_learning_rate,
+        "default_learning_rates": _default_rates(cfg.learning_rate, cfg.full_learning_rate, TASK_LR, FULL_LR),
         "lora_r": cfg.lora_r, "seed": cfg.seed,
         "data_dir": cfg.data_dir, "bf16": cfg.bf16,
         "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in runtime_options()},
     }
+
+
+#: The default learning rates before ``default_learning_rates`` was recorded (adapter 1e-4 for every
+#: task, full 2e-5): an older folder's cells were computed with these, whatever the defaults are now.
+_LEGACY_TASK_LR, _LEGACY_FULL_LR = 1e-4, {"default": 2e-5}
+
+
+def _default_rates(adapter_lr, full_lr, task_table, full_table) -> dict[str, Any]:
+    """The default tables the cells depend on: a table an explicit rate overrides is not recorded."""
+    return {"adapter": None if adapter_lr is not None else dict(task_table),
+            "full": None if full_lr is not None else dict(full_table)}
+
+
+def _upgrade_record(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``old`` in today's form: keys added since it was recorded get the values its cells were
+    computed with. Before ``full_learning_rate`` existed, ``learning_rate`` set both rates."""
+    old = _with_new_option_defaults(old, settings)
+    if "full_learning_rate" not in old:
+        old = {**old, "full_learning_rate": old.get("learning_rate")}
+    if "default_learning_rates" not in old:
+        legacy = {task: _LEGACY_TASK_LR for task in TASK_LR}
+        rates = _default_rates(old.get("learning_rate"), old["full_learning_rate"], legacy, _LEGACY_FULL_LR)
+        old = {**old, "default_learning_rates": rates}
+    return old
 
 
 def _with_new_option_defaults(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +134,7 @@ def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True
             old = json.loads(path.read_text())
         except ValueError as exc:
             raise PipelineSettingsError(f"{path}: unreadable ({exc})") from None
-        old = _with_new_option_defaults(old, settings)
+        old = _upgrade_record(old, settings)
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
         if changed:
             raise PipelineSettingsError(
@@ -164,9 +191,10 @@ class Pipeline:
             for name, t in self.original_adapter.items():
                 own[name].copy_(t)
 
-    def _ft_config(self, folder: Path, task: str) -> FinetuneConfig:
+    def _ft_config(self, folder: Path, task: str, full: bool = False) -> FinetuneConfig:
         c = self.cfg
-        return FinetuneConfig(output_dir=str(folder), task=task, learning_rate=c.learning_rate, epochs=c.epochs,
+        lr = c.full_learning_rate if full else c.learning_rate
+        return FinetuneConfig(output_dir=str(folder), task=task, learning_rate=lr, epochs=c.epochs,
                               max_steps=c.max_steps, batch_size=c.batch_size, max_length=c.max_length,
                               seed=c.seed, lora_r=c.lora_r,
                               resume=True, save_steps=50, logging_steps=10, bf16=c.bf16)
@@ -264,7 +292,7 @@ class Pipeline:
 
     def _full_ft(self, task: str) -> dict:
         model = copy.deepcopy(self.model)
-        cfg = self._ft_config(self.out / "checkpoints" / f"full-{task}", task)
+        cfg = self._ft_config(self.out / "checkpoints" / f"full-{task}", task, full=True)
         model, stats = finetune_full(model, self.tok, self._records(task), cfg)
         result = self._evaluate(model, task)
         result["training"] = {k: v for k, v in stats.items() if k != "loss_history"}
