@@ -143,3 +143,23 @@ def test_bench_report_keeps_every_cached_cell(tmp_path, monkeypatch):
     assert "| gradot keep=0.7 | lr=0.0003, steps=30 |" in md and "**0.79 ± 0.01**" in md
     assert "| arc_easy | sciq |" in md  # the requested task first, then the others the folder holds
     assert len(json.loads((tmp_path / "transfer.json").read_text())["rows"]) == 2
+
+
+def test_frontier_interpolates_along_the_keep_curve_and_never_extrapolates(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier
+
+    def pt(keep, loss, transfer):
+        return {"keep": keep, "ppl": 10 * loss, "loss": loss, "transfer": transfer, "se": 0.02}
+
+    # Held-out loss is not monotone in keep here (0.85 above 0.7): both segments reaching 6.6 count, the best wins.
+    curve = [pt(0.4, 9.0, 0.3), pt(0.55, 8.0, 0.6), pt(0.7, 6.5, 0.8), pt(0.85, 6.7, 0.9)]
+    assert frontier.interpolate(curve, 8.5, "loss") == (pytest.approx(0.45), 0.02)
+    assert frontier.interpolate(curve, 6.6, "loss")[0] == pytest.approx(0.85)  # 0.7-0.85, not 0.55-0.7 (0.78)
+    assert frontier.interpolate(curve, 9.5, "loss") is None and frontier.interpolate(curve, 6.0, "loss") is None
+    other = {("arc_easy", "gradot"): curve, ("arc_easy", "uniform"): [pt(0.85, 8.5, 0.7), pt(0.4, 12.0, 0.1)]}
+    rows = frontier.dominance(other, ["gradot", "uniform"])
+    assert [r["gradot_at_loss"] for r in rows][1] is None  # uniform 0.4 is more private than any GradOT point
+    assert rows[0]["gradot_at_loss"][1] == pytest.approx(0.45 - 0.7)  # GradOT below OT† there: reported, negative

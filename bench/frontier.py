@@ -1,0 +1,201 @@
+"""The privacy-utility frontier of every method, from cells already computed (loads no model).
+
+Loss frontier (``bench/transfer.py`` cells, one recipe): per task and method, loss transfer against
+the emulator's privacy figures: WikiText-2 test perplexity and its own held-out answer loss before
+training (higher = a worse stand-alone model = more private). Only emulators that differ from the
+bench's defaults by method and keep enter, so each method is one curve over keep.
+
+Dominance: for every point of another method, GradOT's transfer at the same privacy, linearly
+interpolated between neighbouring keeps of its curve (in log perplexity, or in held-out loss; privacy
+is not always monotone in keep, so the best segment reaching that privacy counts); a point outside
+GradOT's measured range is reported as not covered, never extrapolated. The ± of a
+difference combines the point's standard error with the larger of the two neighbours'.
+
+Accuracy frontier (optional ``--pipelines``: pipeline output folders): per method, task and keep,
+Emu ZS (privacy) against Plug-in and the transfer ratio.
+
+    python bench/frontier.py --recipe steps=30,lr=3e-4 --pipelines results/pipeline-keep0.7-lr3e-4 \\
+        --out results/frontier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import git_commit  # bench/ is on sys.path when a script runs
+from transfer import EMULATOR_DEFAULTS, RECIPE_DEFAULTS, RECIPE_KEYS, mean, parse_spec
+
+REFERENCE = "gradot"
+PRIVACY = {"ppl": "emulator perplexity (WikiText-2 test, log scale)", "loss": "emulator held-out answer loss"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transfer-dir", default="results/transfer", help="bench/transfer.py output folder")
+    p.add_argument("--recipe", default="steps=30,lr=3e-4", help="the data owner's recipe the curves use")
+    p.add_argument("--methods", default="uniform,crash,svd,wanda,gradot")
+    p.add_argument("--pipelines", nargs="*", default=[], help="pipeline output folders (accuracy points)")
+    p.add_argument("--out", default="results/frontier")
+    return p.parse_args(argv)
+
+
+def loss_points(folder: Path, recipe: dict, methods: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """(task, method) -> points sorted by privacy: keep, ppl, held-out loss, transfer ± se."""
+    emulators = {p.stem[len("emulator-"):]: json.loads(p.read_text()) for p in folder.glob("emulator-*.json")}
+    by_spec = {json.dumps(e["spec"], sort_keys=True): e for e in emulators.values() if "spec" in e}
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(folder.glob("cell-*.json")):
+        cell = json.loads(path.read_text())
+        spec = cell["emulator"]
+        plain = {k: v for k, v in spec.items() if k not in ("method", "keep")}
+        if cell["recipe"] != recipe or spec["method"] not in methods:
+            continue
+        if plain != {k: v for k, v in EMULATOR_DEFAULTS.items() if k != "keep"}:
+            continue  # a lever (lambda, refit, k, ...), not a point of the method's keep curve
+        record = by_spec.get(json.dumps(spec, sort_keys=True))
+        if record is None:
+            continue
+        curves.setdefault((cell["task"], spec["method"]), []).append({
+            "keep": spec["keep"], "keep_achieved": record["keep_achieved"], "ppl": record["perplexity"],
+            "loss": mean(cell["emu_before"]), "transfer": cell["transfer"][0], "se": cell["transfer"][1]})
+    for points in curves.values():
+        points.sort(key=lambda q: q["keep"])
+    return curves
+
+
+def _x(point: dict, axis: str) -> float:
+    return math.log(point["ppl"]) if axis == "ppl" else point["loss"]
+
+
+def interpolate(curve: list[dict], x: float, axis: str) -> tuple[float, float] | None:
+    """The reference curve's transfer (and a ± for it) at privacy ``x``, along the curve in keep order:
+    privacy need not be monotone in keep, so where several segments reach ``x`` the best one counts (the
+    owner may pick any keep). None where no segment reaches ``x``: no extrapolation."""
+    best = None
+    pts = sorted(curve, key=lambda q: q["keep"])
+    for a, b in zip(pts, pts[1:]):
+        xa, xb = _x(a, axis), _x(b, axis)
+        if min(xa, xb) <= x <= max(xa, xb):
+            w = 0.0 if xa == xb else (x - xa) / (xb - xa)
+            value = (a["transfer"] + w * (b["transfer"] - a["transfer"]), max(a["se"], b["se"]))
+            best = value if best is None or value[0] > best[0] else best
+    return best
+
+
+def dominance(curves: dict, methods: list[str]) -> list[dict]:
+    rows = []
+    for (task, method), points in sorted(curves.items()):
+        ref = curves.get((task, REFERENCE))
+        if method == REFERENCE or not ref:
+            continue
+        for q in points:
+            row = {"task": task, "method": method, "keep": q["keep"], "ppl": q["ppl"], "loss": q["loss"],
+                   "transfer": [q["transfer"], q["se"]]}
+            for axis in PRIVACY:
+                at = interpolate(ref, _x(q, axis), axis)
+                row[f"{REFERENCE}_at_{axis}"] = None if at is None else [
+                    at[0], at[0] - q["transfer"], math.hypot(at[1], q["se"])]
+            rows.append(row)
+    return rows
+
+
+def accuracy_points(folders: list[str]) -> list[dict]:
+    rows = []
+    for folder in folders:
+        info = json.loads((Path(folder) / "results.json").read_text())
+        keep, table = info["config"]["keep"], info["table"]
+        for method, per_task in info.get("transfer", {}).items():
+            for task, ratio in per_task.items():
+                if task == "avg":
+                    continue
+                rows.append({"folder": folder, "method": method, "keep": keep, "task": task,
+                             "emu_zs": table[f"{method}: Emu ZS"][task], "emu_ft": table[f"{method}: Emu FT"][task],
+                             "plugin": table[f"{method}: Plug-in"][task], "adapter_ft": table["Adapter FT"][task],
+                             "full_zs": table["Full ZS"][task], "transfer": ratio})
+    return rows
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _ in curves})
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False, sharey="row")
+    for row, task in zip(axes, tasks):
+        for (t, method), pts in sorted(curves.items()):
+            if t != task:
+                continue
+            for ax, axis in zip(row, PRIVACY):
+                ax.errorbar([q[axis] for q in pts], [q["transfer"] for q in pts], yerr=[q["se"] for q in pts],
+                            marker="o", capsize=2, label="OT† (uniform)" if method == "uniform" else method)
+                for q in pts:
+                    ax.annotate(f"{q['keep']:g}", (q[axis], q["transfer"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        row[0].set_xscale("log")
+        for ax, axis in zip(row, PRIVACY):
+            ax.set_xlabel(PRIVACY[axis] + " (higher = more private)")
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        row[0].set_ylabel(f"loss transfer, {task}")
+        row[1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    return "not covered" if v is None else f"{v[0]:.2f} (Δ {v[1]:+.2f} ± {v[2]:.2f})"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    methods = args.methods.split(",")
+    recipe = parse_spec(args.recipe, RECIPE_KEYS, RECIPE_DEFAULTS, False)
+    curves = loss_points(Path(args.transfer_dir) / "cells", recipe, methods)
+    if not curves:
+        raise SystemExit(f"no cell of recipe {args.recipe!r} in {args.transfer_dir}/cells")
+    dom, acc = dominance(curves, methods), accuracy_points(args.pipelines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "bench/frontier.py", *sys.argv[1:]])
+    lines = ["# Privacy-utility frontier", "", f"Command: `{command}`  ",
+             f"Commit {git_commit()}; {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+             f"built from cached cells (no model loaded)  ", f"Recipe: {args.recipe} (bench/transfer.py).", "",
+             "## Loss transfer per method and keep", "",
+             "| task | method | keep | ppl | held-out loss | loss transfer |", "|---|---|---|---|---|---|"]
+    for (task, method), pts in sorted(curves.items()):
+        lines += [f"| {task} | {method} | {q['keep']:g} | {q['ppl']:,.0f} | {q['loss']:.2f} | "
+                  f"{q['transfer']:.3f} ± {q['se']:.3f} |" for q in pts]
+    lines += ["", f"## Is {REFERENCE} above the others at equal privacy?", "",
+              f"{REFERENCE}'s transfer interpolated at each other point's privacy; Δ = {REFERENCE} − that point "
+              "(positive: GradOT above).", "",
+              "| task | method | keep | ppl | transfer | GradOT at its ppl | GradOT at its held-out loss |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['keep']:g} | {r['ppl']:,.0f} | {r['transfer'][0]:.3f} ± "
+              f"{r['transfer'][1]:.3f} | {_fmt(r[f'{REFERENCE}_at_ppl'])} | {_fmt(r[f'{REFERENCE}_at_loss'])} |"
+              for r in dom]
+    if acc:
+        lines += ["", "## Accuracy (pipeline folders)", "",
+                  "| folder | task | method | keep | Emu ZS | Emu FT | Plug-in | Adapter FT | Full ZS | transfer |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['folder']} | {r['task']} | {r['method']} | {r['keep']:g} | {r['emu_zs'][0] * 100:.1f} | "
+                  f"{r['emu_ft'][0] * 100:.1f} | {r['plugin'][0] * 100:.1f} | {r['adapter_ft'][0] * 100:.1f} | "
+                  f"{r['full_zs'][0] * 100:.1f} | {r['transfer'][0]:.2f} ± {r['transfer'][1]:.2f} |" for r in acc]
+    plot(curves, out / "frontier.png")
+    lines += ["", "![loss transfer against privacy](frontier.png)"]
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    points = [{"task": t, "method": m, **q} for (t, m), pts in sorted(curves.items()) for q in pts]
+    (out / "frontier.json").write_text(json.dumps({"command": command, "git_commit": git_commit(), "recipe": recipe,
+                                                   "loss_points": points, "dominance": dom, "accuracy": acc},
+                                                  indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
