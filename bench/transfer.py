@@ -10,7 +10,7 @@ adapter-gradient cosine at the start (the older proxy); per emulator: achieved k
 token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
-ridge, k, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
+ridge, k, layer_drop: GradOT with that share of middle layers dropped whole first, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
 for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
@@ -52,8 +52,9 @@ from common import git_commit  # bench/ is on sys.path when a script runs
 
 EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
                  "refit": str, "ridge": float, "k": int, "calib_data": str,
-                 # trained methods (distill, scaleot) only; no defaults here, so other cells keep their names
-                 "distill_steps": int, "init": str}
+                 # no defaults for these, so other cells keep their names: GradOT's hybrid with OT†,
+                 # the trained methods (distill, scaleot)
+                 "layer_drop": float, "distill_steps": int, "init": str}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
@@ -194,7 +195,8 @@ class Bench:
             from gradot.methods.gradot import gradot_emulator, middle_linears, needs_gradients
             from gradot.stats.kfac import collect_kfac
 
-            options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"]}
+            options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"],
+                       **({"layer_drop": spec["layer_drop"]} if "layer_drop" in spec else {})}
             cfg = make_config(get(method).config, spec["keep"], options).engine()
             selection = cfg.selection
             factors = None

@@ -195,3 +195,23 @@ def test_auto_lambda_picks_the_largest_lambda_that_keeps_the_proxy(tokens):
     lam, curve = auto_lambda(model, split, f, cfg, held_out, threshold=1.0, grid=(0.01, 1.0))
     base = curve[0]["cosine"]
     assert lam == max(c["lambda"] for c in curve if c["cosine"] >= base)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_layer_drop_hybrid_drops_otdagger_layers_then_fits_the_budget_inside_the_rest(allocation):
+    from gradot.errors import MethodConfigError
+    from gradot.methods.uniform import uniform_indices
+
+    model = wide_model()  # 8 layers, k = 2: 4 middle layers (2..5)
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    emu = gradot_emulator(model, split, GradOTConfig(keep=0.4, allocation=allocation, layer_drop=0.5), f)
+    stay = [split.middle[i] for i in uniform_indices(4, 2)]  # OT†'s choice: the first and last middle layers
+    assert emu.manifest["settings"]["dropped_layers"] == [i for i in split.middle if i not in stay]
+    assert emu.manifest["settings"]["layer_drop"] == 0.5
+    assert [s["source"] for s in emu.manifest["slots"] if s["role"] == "middle"] == stay
+    assert abs(emu.manifest["size"]["keep_achieved"] - 0.4) <= 0.01 * 0.4  # the budget is met inside the two
+    assert "layer_drop" not in gradot_emulator(model, split, GradOTConfig(keep=0.4, allocation=allocation), f
+                                               ).manifest["settings"]  # off: the manifest as before
+    with pytest.raises(MethodConfigError, match="fewer than the budget"):  # two layers cannot hold 0.7
+        gradot_emulator(model, split, GradOTConfig(keep=0.7, allocation=allocation, layer_drop=0.5), f)

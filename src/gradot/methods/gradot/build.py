@@ -10,6 +10,8 @@ from ...offload import plain_copy
 from ...registry import arch_of, decoder_layers, get_module, set_module
 from ...split import Split
 from ...surgery import prune_mlp_channels, to_lowrank
+from ...errors import MethodConfigError
+from ..uniform import layers_to_keep, uniform_indices
 from .allocate import Plan, allocate_global, allocate_uniform
 from .config import GradOTConfig
 from .units import LayerScores, score_middle
@@ -47,6 +49,22 @@ def build_from_plan(model: nn.Module, split: Split, scores: list[LayerScores], p
                     settings=settings)
 
 
+def _layer_drop(scores: list[LayerScores], share: float, target: int) -> tuple[list[LayerScores], list[int]]:
+    """The hybrid's first step: OT†'s evenly spaced whole layers stay (``uniform_indices``), the
+    others go before any unit is scored against the budget. (kept scores, dropped original indices)."""
+    if not share:
+        return scores, []
+    n = len(scores)
+    stay = set(uniform_indices(n, layers_to_keep(n, 1.0 - share)))
+    kept = [ls for i, ls in enumerate(scores) if i in stay]
+    room = Plan(ranks={ls.index: {m.name: None for m in ls.attn} for ls in kept},
+                channels={ls.index: ls.mlp.channels for ls in kept}).params(kept)
+    if room < target:
+        raise MethodConfigError(f"layer_drop {share} keeps {len(kept)} of {n} middle layers, {room} parameters: "
+                                f"fewer than the budget ({target}); lower --layer-drop or --keep")
+    return kept, [ls.index for i, ls in enumerate(scores) if i not in stay]
+
+
 def gradot_emulator(model: nn.Module, split: Split, cfg: GradOTConfig, factors: dict | None,
                     method: str = "gradot", settings: dict | None = None,
                     scores: list[LayerScores] | None = None) -> Emulator:
@@ -55,8 +73,12 @@ def gradot_emulator(model: nn.Module, split: Split, cfg: GradOTConfig, factors: 
     if scores is None:
         scores = score_middle(model, split, factors, cfg)
     target = round(cfg.keep * middle_parameter_count(model, split))
+    kept, dropped = _layer_drop(scores, cfg.layer_drop, target)
     if cfg.allocation == "uniform":
-        plan = allocate_uniform(scores, target)
+        plan = allocate_uniform(kept, target)
     else:
-        plan = allocate_global(scores, target, layers=cfg.allocation == "global-layers")
+        plan = allocate_global(kept, target, layers=cfg.allocation == "global-layers")
+    plan.dropped = sorted(plan.dropped + dropped)
+    if cfg.layer_drop:
+        settings = {**(settings or {}), "layer_drop": cfg.layer_drop}
     return build_from_plan(model, split, scores, plan, method=method, cfg=cfg, settings=settings or {})

@@ -21,8 +21,11 @@ class GradOTConfig:
     allocation: str = "uniform"  # uniform | global | global-layers
     selection: str = "gcs"  # gcs (GradOT) | svd (singular values + weight norm) | wanda (svd + activation-aware)
     top_frac: float = 0.05  # share of components kept by singular value unconditionally
+    layer_drop: float = 0.0  # share of middle layers dropped whole (evenly spaced) before the allocation
 
     def __post_init__(self):
+        if not 0.0 <= self.layer_drop < 1.0:
+            raise ValueError(f"layer_drop must be in [0, 1), got {self.layer_drop}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.selection not in SELECTIONS:
@@ -45,6 +48,9 @@ class GradOTOptions(MethodConfig):
         "calibration text stays >= THRESHOLD x the cosine at λ=0 (e.g. 0.95); overrides --lambda-attn/--lambda-mlp",
         kind=float, metavar="THRESHOLD")
     top_frac: float = option(0.05, "share of singular components kept unconditionally by singular value")
+    layer_drop: float = option(
+        0.0, "hybrid with OT†: drop this share of the middle layers whole, evenly spaced as OT† chooses them "
+        "(the first and last middle layers stay), then allocate the budget by curvature inside the rest")
     gradient_checkpointing: bool = option(False, "recompute activations during the statistics pass (large models)",
                                           runtime=True)
     layers_per_pass: int | None = option(
@@ -53,6 +59,10 @@ class GradOTOptions(MethodConfig):
         kind=int, minimum=1, metavar="N", runtime=True)
 
     def __post_init__(self):
+        if not 0.0 <= self.layer_drop < 1.0:
+            raise MethodConfigError(f"--layer-drop must be in [0, 1), got {self.layer_drop}")
+        if self.layer_drop and self.allocation == "global-layers":
+            raise MethodConfigError("--layer-drop fixes which layers go: use --allocation global or uniform with it")
         if self.auto_lambda is not None and self.layers_per_pass:
             raise MethodConfigError("--auto-lambda needs every layer's statistics at once; drop --layers-per-pass")
 
@@ -61,7 +71,8 @@ class GradOTOptions(MethodConfig):
     def engine(self) -> GradOTConfig:
         """The scoring, allocation and surgery settings."""
         return GradOTConfig(keep=self.keep, lambda_attn=self.lambda_attn, lambda_mlp=self.lambda_mlp,
-                            allocation=self.allocation, selection=self.selection, top_frac=self.top_frac)
+                            allocation=self.allocation, selection=self.selection, top_frac=self.top_frac,
+                            layer_drop=self.layer_drop)
 
 
 @dataclass(frozen=True)
