@@ -184,33 +184,29 @@ def test_manifests_carry_no_local_paths(tiny_model_dir, calib_file, tmp_path, ca
 
 
 def test_learning_rates_recorded_and_old_folders_keep_theirs(tmp_path, monkeypatch):
-    """A folder's record names the learning rates its cells used: the default tables when no rate is
-    given, so a later change of a default refuses the folder instead of mixing recipes; a folder
-    recorded before the tables were (learning rate then 1e-4 / 2e-5) keeps those."""
+    """A folder's record names the effective rate of every task (adapter and Full FT): a later change
+    of a default refuses it instead of mixing recipes, and naming its old rate claims it again. A
+    folder recorded with ``learning_rate`` (then --lr set both rates; defaults 1e-4 / 2e-5) keeps those."""
     from gradot.errors import PipelineSettingsError
-    from gradot.finetune import TASK_LR
     from gradot.pipeline import Pipeline, PipelineConfig, cell_settings, claim_output_folder
 
     def settings(**kw):
         return cell_settings(PipelineConfig(model="m", methods=["uniform"], tasks=["piqa"], keep=0.7,
                                             out=str(tmp_path), **kw))
 
-    legacy = {task: 1e-4 for task in TASK_LR}
-    monkeypatch.setattr("gradot.pipeline.TASK_LR", legacy)
-    monkeypatch.setattr("gradot.pipeline.FULL_LR", {"default": 2e-5})
-    old = settings()
-    for key in ("full_learning_rate", "default_learning_rates"):
-        del old[key]
-    (tmp_path / "settings.json").write_text(json.dumps(old))
-    claim_output_folder(tmp_path, settings())  # the defaults it was computed with: claimed
-    monkeypatch.setattr("gradot.pipeline.TASK_LR", {task: 3e-4 for task in legacy})
-    with pytest.raises(PipelineSettingsError, match="default_learning_rates"):
-        claim_output_folder(tmp_path, settings())
+    monkeypatch.setattr("gradot.pipeline.TASK_LR", {"default": 3e-4})
+    now = settings()
+    assert set(now["learning_rates"]["adapter"].values()) == {3e-4}
+    assert set(now["learning_rates"]["full"].values()) == {2e-5}
+    old = {k: v for k, v in now.items() if k != "learning_rates"}
+    (tmp_path / "settings.json").write_text(json.dumps({**old, "learning_rate": None}))
+    with pytest.raises(PipelineSettingsError, match=r"learning_rates.adapter: 0.0001 -> 0.0003 \(every task\)"):
+        claim_output_folder(tmp_path, now)
+    claim_output_folder(tmp_path, settings(learning_rate=1e-4))  # its old rate, named: claimed
     # Before --full-lr, --lr set both rates: such a folder holds Full FT cells at that rate.
-    old.update(learning_rate=3e-4)
-    (tmp_path / "settings.json").write_text(json.dumps(old))
+    (tmp_path / "settings.json").write_text(json.dumps({**old, "learning_rate": 3e-4}))
     claim_output_folder(tmp_path, settings(learning_rate=3e-4, full_learning_rate=3e-4))
-    with pytest.raises(PipelineSettingsError, match="full_learning_rate: 0.0003 -> None"):
+    with pytest.raises(PipelineSettingsError, match=r"learning_rates.full: 0.0003 -> 2e-05 \(every task\)"):
         claim_output_folder(tmp_path, settings(learning_rate=3e-4))
     # --lr reaches the adapters only, --full-lr Full FT only.
     pipe = Pipeline.__new__(Pipeline)

@@ -27,7 +27,7 @@ from .methods import compress, runtime_options
 from .pipeline_report import write_report
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
-from .tasks import load_task
+from .tasks import TASK_NAMES, load_task
 from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -77,37 +77,56 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {
         "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
         "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "learning_rate": cfg.learning_rate,
-        "full_learning_rate": cfg.full_learning_rate,
-        "default_learning_rates": _default_rates(cfg.learning_rate, cfg.full_learning_rate, TASK_LR, FULL_LR),
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "learning_rates": learning_rates(cfg.learning_rate, cfg.full_learning_rate),
         "lora_r": cfg.lora_r, "seed": cfg.seed,
         "data_dir": cfg.data_dir, "bf16": cfg.bf16,
         "compress_args": {k: v for k, v in cfg.compress_args.items() if k not in runtime_options()},
     }
 
 
-#: The default learning rates before ``default_learning_rates`` was recorded (adapter 1e-4 for every
-#: task, full 2e-5): an older folder's cells were computed with these, whatever the defaults are now.
-_LEGACY_TASK_LR, _LEGACY_FULL_LR = 1e-4, {"default": 2e-5}
+#: The default rates when a folder's record still named ``learning_rate`` (the CLI's --lr, which then
+#: set the adapters' and Full FT's rate alike): adapter 1e-4 for every task, Full FT 2e-5.
+_LEGACY_ADAPTER_LR, _LEGACY_FULL_LR = 1e-4, 2e-5
 
 
-def _default_rates(adapter_lr, full_lr, task_table, full_table) -> dict[str, Any]:
-    """The default tables the cells depend on: a table an explicit rate overrides is not recorded."""
-    return {"adapter": None if adapter_lr is not None else dict(task_table),
-            "full": None if full_lr is not None else dict(full_table)}
+def learning_rates(adapter_lr: float | None, full_lr: float | None, task_lr=None, full_table=None) -> dict:
+    """The rate each task's cells are trained with, adapter and Full FT: the effective numbers, so a
+    folder is refused when a default changed under it, and claimed again by naming its old rate."""
+    task_lr, full_table = task_lr or TASK_LR, full_table or FULL_LR
+    tasks = sorted(TASK_NAMES)  # the tasks with training data
+    return {"adapter": {t: adapter_lr if adapter_lr is not None else task_lr.get(t, task_lr["default"]) for t in tasks},
+            "full": {t: full_lr if full_lr is not None else full_table.get(t, full_table["default"]) for t in tasks}}
 
 
 def _upgrade_record(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """``old`` in today's form: keys added since it was recorded get the values its cells were
-    computed with. Before ``full_learning_rate`` existed, ``learning_rate`` set both rates."""
+    computed with."""
     old = _with_new_option_defaults(old, settings)
-    if "full_learning_rate" not in old:
-        old = {**old, "full_learning_rate": old.get("learning_rate")}
-    if "default_learning_rates" not in old:
-        legacy = {task: _LEGACY_TASK_LR for task in TASK_LR}
-        rates = _default_rates(old.get("learning_rate"), old["full_learning_rate"], legacy, _LEGACY_FULL_LR)
-        old = {**old, "default_learning_rates": rates}
+    if "learning_rates" not in old:
+        given = old.pop("learning_rate", None)
+        full = old.pop("full_learning_rate", given)
+        old.pop("default_learning_rates", None)
+        old["learning_rates"] = learning_rates(given, full, {"default": _LEGACY_ADAPTER_LR},
+                                               {"default": _LEGACY_FULL_LR})
     return old
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+    """``key: before -> now``; for a table of rates only what changed, once if every entry changed alike."""
+    if not (isinstance(before, dict) and isinstance(now, dict)) or key != "learning_rates":
+        return f"{key}: {before!r} -> {now!r}"
+    parts = []
+    for kind in sorted(set(before) | set(now)):
+        b, n = before.get(kind) or {}, now.get(kind) or {}
+        pairs = {(b.get(t), n.get(t)) for t in set(b) | set(n) if b.get(t) != n.get(t)}
+        if len(pairs) == 1 and all(b.get(t) != n.get(t) for t in set(b) | set(n)):
+            (x, y), = pairs
+            parts.append(f"{key}.{kind}: {x!r} -> {y!r} (every task)")
+        else:
+            parts += [f"{key}.{kind}.{t}: {b.get(t)!r} -> {n.get(t)!r}" for t in sorted(set(b) | set(n))
+                      if b.get(t) != n.get(t)]
+    return "; ".join(parts)
 
 
 def _with_new_option_defaults(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -135,11 +154,12 @@ def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True
         except ValueError as exc:
             raise PipelineSettingsError(f"{path}: unreadable ({exc})") from None
         old = _upgrade_record(old, settings)
-        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        changed = [_difference(k, old.get(k), v) for k, v in settings.items() if old.get(k) != v]
         if changed:
             raise PipelineSettingsError(
                 f"{out} holds cells computed with other settings ({'; '.join(changed)}): "
-                "use another --out, or remove the folder to start over")
+                "use another --out, give the settings the folder was computed with (e.g. its --lr), or remove "
+                "the folder to start over")
     elif record:
         if any((out / "cells").glob("*.json")):
             log.warning("%s: cells without a settings record; recording the current settings for them", out)
