@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
-from .finetune import FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints, task_records
+from .finetune import (FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints,
+                       task_records)
 from .lmeval_tasks import evaluate
 from .methods import compress, runtime_options
 from .pipeline_report import write_report
