@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import git_commit  # bench/ is on sys.path when a script runs
-from transfer import EMULATOR_DEFAULTS, RECIPE_DEFAULTS, RECIPE_KEYS, mean, parse_spec
+from transfer import EMULATOR_DEFAULTS, RECIPE_DEFAULTS, RECIPE_KEYS, mean, parse_spec, slug
 
 REFERENCE = "gradot"
 PRIVACY = {"ppl": "emulator perplexity (WikiText-2 test, log scale)", "loss": "emulator held-out answer loss"}
@@ -45,9 +45,8 @@ def parse_args(argv=None):
 
 
 def loss_points(folder: Path, recipe: dict, methods: list[str]) -> dict[tuple[str, str], list[dict]]:
-    """(task, method) -> points sorted by privacy: keep, ppl, held-out loss, transfer ± se."""
+    """(task, method) -> points sorted by keep: keep, ppl, held-out loss, transfer ± se."""
     emulators = {p.stem[len("emulator-"):]: json.loads(p.read_text()) for p in folder.glob("emulator-*.json")}
-    by_spec = {json.dumps(e["spec"], sort_keys=True): e for e in emulators.values() if "spec" in e}
     curves: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(folder.glob("cell-*.json")):
         cell = json.loads(path.read_text())
@@ -57,7 +56,7 @@ def loss_points(folder: Path, recipe: dict, methods: list[str]) -> dict[tuple[st
             continue
         if plain != {k: v for k, v in EMULATOR_DEFAULTS.items() if k != "keep"}:
             continue  # a lever (lambda, refit, k, ...), not a point of the method's keep curve
-        record = by_spec.get(json.dumps(spec, sort_keys=True))
+        record = emulators.get(slug(spec))  # the bench names an emulator's record by its spec's slug
         if record is None:
             continue
         curves.setdefault((cell["task"], spec["method"]), []).append({
@@ -87,7 +86,7 @@ def interpolate(curve: list[dict], x: float, axis: str) -> tuple[float, float] |
     return best
 
 
-def dominance(curves: dict, methods: list[str]) -> list[dict]:
+def dominance(curves: dict) -> list[dict]:
     rows = []
     for (task, method), points in sorted(curves.items()):
         ref = curves.get((task, REFERENCE))
@@ -160,7 +159,7 @@ def main(argv=None) -> None:
     curves = loss_points(Path(args.transfer_dir) / "cells", recipe, methods)
     if not curves:
         raise SystemExit(f"no cell of recipe {args.recipe!r} in {args.transfer_dir}/cells")
-    dom, acc = dominance(curves, methods), accuracy_points(args.pipelines)
+    dom, acc = dominance(curves), accuracy_points(args.pipelines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "bench/frontier.py", *sys.argv[1:]])

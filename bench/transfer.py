@@ -450,7 +450,6 @@ def main(argv=None):
                 value = bench.transfer_cell(espec, recipe, task)
                 if value is None:
                     missing.append(f"{task}/{slug(espec)}/{slug(recipe)}")
-                cells.setdefault((json.dumps(espec, sort_keys=True), json.dumps(recipe, sort_keys=True)), {})[task] = value
                 if value is not None:
                     r = value["transfer"]
                     print(f"{task:11s} {slug(espec):40s} {slug(recipe):28s} transfer {r[0]:.3f} ± {r[1]:.3f}", flush=True)
@@ -463,7 +462,8 @@ def main(argv=None):
     for path in sorted((bench.out / "cells").glob("emulator-*.json")):
         emu_rows[path.stem[len("emulator-"):]] = json.loads(path.read_text())
     refs = [json.loads(p.read_text()) for p in sorted((bench.out / "cells").glob("reference-*.json"))]
-    tasks = sorted({task for per_task in cells.values() for task in per_task}, key=lambda t: (t not in tasks, t))
+    tasks = sorted(set(tasks) | {task for per_task in cells.values() for task in per_task},
+                   key=lambda t: (t not in tasks, t))
     rows = summarize([(json.loads(e), json.loads(r), v) for (e, r), v in cells.items()], emu_rows, tasks)
     report(args, bench.out, rows, refs, missing, tasks)
 

@@ -105,10 +105,8 @@ def _upgrade_record(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     computed with."""
     old = _with_new_option_defaults(old, settings)
     if "learning_rates" not in old:
-        given = old.pop("learning_rate", None)
-        full = old.pop("full_learning_rate", given)
-        old.pop("default_learning_rates", None)
-        old["learning_rates"] = learning_rates(given, full, {"default": _LEGACY_ADAPTER_LR},
+        given = old.pop("learning_rate", None)  # then --lr set the adapters' and Full FT's rate alike
+        old["learning_rates"] = learning_rates(given, given, {"default": _LEGACY_ADAPTER_LR},
                                                {"default": _LEGACY_FULL_LR})
     return old
 
