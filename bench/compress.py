@@ -179,21 +179,24 @@ def run_method(method: str, model, split, batches, args, ref) -> tuple[object, d
     """Compress; returns (emulator, breakdown of seconds).
 
     ``method`` is ``uniform``, ``crash``, ``svd``, ``gradot-<allocation>``, optionally followed by
-    ``/lppN`` (statistics of N layers per pass), ``/ckpt`` (gradient checkpointing) and ``/bf16``
-    (bfloat16 KFAC products) for GradOT, or ``@REV`` (the code of ``--compare-ref``)."""
+    ``/lppN`` (statistics of N layers per pass), ``/ckpt`` (gradient checkpointing), ``/bf16``
+    (bfloat16 KFAC products) and ``/tokF`` (KFAC products over a share F of the tokens) for GradOT,
+    or ``@REV`` (the code of ``--compare-ref``)."""
     method, *options = method.split("/")
     name, _, at = method.partition("@")
     layers_per_pass, checkpointing = args.layers_per_pass, args.gradient_checkpointing
-    products = torch.float32
+    products, token_fraction = torch.float32, 1.0
     for option in options:
         if option == "ckpt":
             checkpointing = True
         elif option == "bf16":
             products = torch.bfloat16
+        elif option.startswith("tok"):
+            token_fraction = float(option[3:])
         elif option.startswith("lpp") and option[3:].isdigit():
             layers_per_pass = int(option[3:])
         else:
-            raise SystemExit(f"unknown method option /{option} (known: /lppN, /ckpt, /bf16)")
+            raise SystemExit(f"unknown method option /{option} (known: /lppN, /ckpt, /bf16, /tokF)")
     if not name.startswith("gradot-"):  # any other registered method, as the library builds it
         return build_emulator(name, model, split, args.keep, batches=batches), {}
     allocation = name[len("gradot-"):]
@@ -217,7 +220,7 @@ def run_method(method: str, model, split, batches, args, ref) -> tuple[object, d
     t0 = time.perf_counter()
     scores = collect_and_score(model, split, cfg, batches, layers_per_pass=layers_per_pass,
                                gradient_checkpointing=checkpointing, progress=False, timings=timings,
-                               products=products)
+                               products=products, token_fraction=token_fraction)
     t1 = time.perf_counter()
     emu = gradot_emulator(model, split, cfg, None, scores=scores)
     timings["build_s"] = time.perf_counter() - t1

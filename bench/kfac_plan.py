@@ -1,9 +1,11 @@
-"""Does computing the KFAC products in bfloat16 change GradOT's plan more than a different
-calibration sample does?
+"""Does computing the KFAC products in bfloat16, or over a random share of the tokens, change
+GradOT's plan more than a different calibration sample does?
 
 Reference: float32 products over the CLI's default calibration (32 × 256 tokens of WikiText-2
-valid, batches of 4). Compared with it: bfloat16 products over the same tokens, and float32 products
-over the next 32 × 256 tokens (a different sample of the same size: the noise the plan already has).
+valid, batches of 4). Compared with it: bfloat16 products over the same tokens, products over half
+(and a quarter) of the same tokens (`collect_kfac(token_fraction=...)`), both levers together, and
+float32 products over the next 32 × 256 tokens (a different sample of the same size: the noise the
+plan already has).
 For keep 0.4 and 0.7 (global allocation, λ = 0), the share of the reference plan's kept attention
 components and MLP channels that each variant keeps too.
 
@@ -62,10 +64,15 @@ def main(argv=None):
     modules = middle_linears(model, split)
     target = {keep: round(keep * middle_parameter_count(model, split)) for keep in KEEPS}
     plans, rows = {}, {}
-    for name, batches, products in (("float32", chunks[:8], torch.float32), ("bfloat16", chunks[:8], torch.bfloat16),
-                                    ("float32, other sample", chunks[8:16], torch.float32)):
+    variants = (("float32", chunks[:8], torch.float32, 1.0), ("bfloat16", chunks[:8], torch.bfloat16, 1.0),
+                ("float32, half the tokens", chunks[:8], torch.float32, 0.5),
+                ("float32, a quarter of the tokens", chunks[:8], torch.float32, 0.25),
+                ("bfloat16, half the tokens", chunks[:8], torch.bfloat16, 0.5),
+                ("float32, other sample", chunks[8:16], torch.float32, 1.0))
+    for name, batches, products, fraction in variants:
         t0 = time.perf_counter()
-        factors = collect_kfac(model, modules, batches, gradients=False, progress=False, products=products)
+        factors = collect_kfac(model, modules, batches, gradients=False, progress=False, products=products,
+                               token_fraction=fraction)
         row = {"statistics_s": round(time.perf_counter() - t0, 1)}
         for keep in KEEPS:
             scores = score_middle(model, split, factors, GradOTConfig(keep=keep, allocation="global"))
@@ -82,7 +89,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(info, indent=1))
-    lines = ["# GradOT's plan with bfloat16 KFAC products", "", f"Command: `{command}`  ",
+    lines = ["# GradOT's plan with bfloat16 KFAC products or a token sample", "", f"Command: `{command}`  ",
              f"Commit {info['git_commit']}; {info['date']}; {info['machine']}", "",
              "Share of the float32 plan's kept units that each variant keeps (global allocation, λ = 0).", "",
              "| products / sample | statistics s | keep 0.4 attention | keep 0.4 MLP | keep 0.7 attention | keep 0.7 MLP |",

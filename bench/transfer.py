@@ -10,7 +10,8 @@ adapter-gradient cosine at the start (the older proxy); per emulator: achieved k
 token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
-ridge, k, layer_drop: GradOT with that share of middle layers dropped whole first, calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
+ridge, k, layer_drop: GradOT with that share of middle layers dropped whole first, kfac_tokens / kfac_bf16:
+GradOT's KFAC products over that share of the tokens / in bfloat16 (1), calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
 for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
@@ -54,7 +55,9 @@ EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int
                  "refit": str, "ridge": float, "k": int, "calib_data": str,
                  # no defaults for these, so other cells keep their names: GradOT's hybrid with OT†,
                  # the trained methods (distill, scaleot)
-                 "layer_drop": float, "distill_steps": int, "init": str}
+                 "layer_drop": float, "distill_steps": int, "init": str,
+                 # GradOT's cheaper KFAC products (issue 12): token share, bfloat16 (1)
+                 "kfac_tokens": float, "kfac_bf16": int}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
@@ -201,13 +204,15 @@ class Bench:
             selection = cfg.selection
             factors = None
             if selection != "svd":
+                fraction, low = spec.get("kfac_tokens", 1.0), bool(spec.get("kfac_bf16", 0))
                 key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec["k"], selection == "wanda",
-                       needs_gradients(cfg))
+                       needs_gradients(cfg), fraction, low)
                 if key not in self._factors:
                     batches, _ = self.calibration(spec)
                     self._factors = {key: collect_kfac(
                         self.model, middle_linears(self.model, split, mlp_only=selection == "wanda"), batches,
-                        gradients=needs_gradients(cfg))}  # one set in memory at a time
+                        gradients=needs_gradients(cfg), token_fraction=fraction,
+                        products=torch.bfloat16 if low else torch.float32)}  # one set in memory at a time
                 factors = self._factors[key]
             return gradot_emulator(self.model, split, cfg, factors, method=method)
         options = dict(adapter_layers=spec["k"], calib=None, calib_sequences=spec["calib"],

@@ -72,16 +72,18 @@ def _batches():
     return [{"input_ids": ids1, "attention_mask": mask1}, {"input_ids": ids2, "attention_mask": mask2}, ids3]
 
 
-def _brute_force(model, modules, batches):
+def _brute_force(model, modules, batches, samples=None):
     """Reference statistics with explicit inputs, per-token autograd and parameter gradients.
 
     g_t (per position) = sum over loss tokens s of d l_s / d y_t, computed one token loss at a time.
+    ``samples``: per batch, a flat boolean mask of the positions that enter ``A`` and ``G`` (default:
+    every non-padding position); ``grad`` always sums over every loss token.
     """
     model.eval()
     names = list(modules)
     sums = {n: {"A": 0.0, "G": 0.0, "gx": 0.0, "W": 0.0, "n": 0} for n in names}
     n_loss_total = 0
-    for batch in batches:
+    for b, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):
             ids, mask = batch, torch.ones_like(batch)
         else:
@@ -108,14 +110,16 @@ def _brute_force(model, modules, batches):
                 acc += gt
         weights = [modules[n].weight for n in names]
         wgrads = torch.autograd.grad(tok_loss.sum(), weights)
-        keep = mask.reshape(-1).bool()
+        real = mask.reshape(-1).bool()
+        keep = real if samples is None else samples[b]
         for n, gi, wg in zip(names, g, wgrads):
-            x = store[n][0].detach().reshape(-1, store[n][0].shape[-1])[keep].double()
-            gg = gi.reshape(-1, gi.shape[-1])[keep].double()
+            x_all = store[n][0].detach().reshape(-1, store[n][0].shape[-1]).double()
+            g_all = gi.reshape(-1, gi.shape[-1]).double()
+            x, gg = x_all[keep], g_all[keep]
             s = sums[n]
             s["A"] = s["A"] + x.T @ x
             s["G"] = s["G"] + gg.T @ gg
-            s["gx"] = s["gx"] + gg.T @ x
+            s["gx"] = s["gx"] + g_all[real].T @ x_all[real]
             s["W"] = s["W"] + (wg.T if isinstance(modules[n], Conv1D) else wg).double()  # out x in
             s["n"] += x.shape[0]
     ref = {}
@@ -300,3 +304,39 @@ def test_bfloat16_products_close_to_float32(llama):
         torch.testing.assert_close(g.grad, f.grad)
     with pytest.raises(ValueError, match="products"):
         collect_kfac(llama, modules, batches, progress=False, products=torch.int8)
+
+
+def _token_sample(batches, fraction, seed=0):
+    """The documented sample: per batch, the first ``round(fraction * n)`` (at least one) of a random
+    permutation of the ``n`` non-padding positions, from one CPU generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        ids = batch if isinstance(batch, torch.Tensor) else batch["input_ids"]
+        mask = torch.ones_like(ids) if isinstance(batch, torch.Tensor) else batch["attention_mask"]
+        real = mask.reshape(-1).bool().nonzero().squeeze(1)
+        k = max(1, round(fraction * real.numel()))
+        sample = torch.zeros(ids.numel(), dtype=torch.bool)
+        sample[real[torch.randperm(real.numel(), generator=gen)[:k]]] = True
+        out.append(sample)
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.2])
+def test_token_fraction_averages_the_sample(llama, fraction):
+    """``token_fraction < 1``: ``A`` and ``G`` are exact averages over the seeded token sample (never a
+    padding position), ``grad`` still over every loss token; another seed draws another sample."""
+    modules = _llama_modules(llama)
+    batches = _batches()
+    samples = _token_sample(batches, fraction)
+    ref, n_loss = _brute_force(llama, modules, batches, samples=samples)
+    fac = collect_kfac(llama, modules, batches, progress=False, token_fraction=fraction)
+    _assert_matches(fac, ref, n_loss)
+    assert fac[next(iter(modules))].n_tokens == sum(int(s.sum()) for s in samples) < 31
+    other = collect_kfac(llama, modules, batches, progress=False, token_fraction=fraction, seed=1)
+    name = next(iter(modules))
+    assert not torch.equal(other[name].A, fac[name].A)
+    torch.testing.assert_close(other[name].grad, fac[name].grad)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="token_fraction"):
+            collect_kfac(llama, modules, batches, progress=False, token_fraction=bad)

@@ -188,7 +188,7 @@ def test_cached_cell_settings_keys_unchanged():
     from gradot.methods import distill, scaleot
 
     trained = {f.name for cls in (distill.DistillConfig, scaleot.ScaleOTConfig) for f in config_fields(cls)}
-    later = trained | {"layer_drop"}  # added since; at their defaults older cells stay valid (next test)
+    later = trained | {"layer_drop", "kfac_tokens", "kfac_bf16"}  # added since; at their defaults older cells stay valid
     assert set(compress_option_names()) - later == {
         "adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn", "lambda_mlp",
         "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass"}
@@ -224,6 +224,23 @@ def test_method_settings_errors_are_usage_errors(tiny_model_dir, tmp_path, capsy
     code = main(["compress", "--model", str(tiny_model_dir), "--method", "gradot", "--auto-lambda", "0.9",
                  "--layers-per-pass", "1", "--out", str(tmp_path / "emu")])
     assert code == 2 and "drop --layers-per-pass" in capsys.readouterr().err
+
+
+def test_cheaper_kfac_products_are_recorded_and_checked(tiny_model_dir, tmp_path, capsys):
+    """``--kfac-tokens``/``--kfac-bf16`` change the factors, so the manifest says so (the exact
+    default records nothing); a share outside (0, 1] is a usage error."""
+    from gradot.artifacts import load_emulator
+    from gradot.cli import main
+
+    base = ["compress", "--model", str(tiny_model_dir), "--method", "gradot", "--keep", "0.5", "--calib-sequences",
+            "4", "--calib-len", "16"]
+    assert main(base + ["--kfac-tokens", "0.5", "--kfac-bf16", "--out", str(tmp_path / "cheap")]) == 0
+    assert main(base + ["--out", str(tmp_path / "exact")]) == 0
+    cheap, exact = (load_emulator(tmp_path / n).manifest["settings"] for n in ("cheap", "exact"))
+    assert cheap["kfac_products"] == {"token_fraction": 0.5, "dtype": "bfloat16"}
+    assert "kfac_products" not in exact
+    assert main(base + ["--kfac-tokens", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--kfac-tokens must be in (0, 1]" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

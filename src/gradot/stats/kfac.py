@@ -71,7 +71,8 @@ class KFACFactors:
         G: ``E[g g^T]`` over the same positions, ``out x out``; ``g_t`` the per-token output gradient.
         grad: gradient of the mean calibration loss w.r.t. ``W``, ``out x in``; None when collected
             with ``gradients=False``.
-        n_tokens: number of positions averaged in ``A`` and ``G``.
+        n_tokens: number of positions averaged in ``A`` and ``G`` (the token sample's, when
+            ``collect_kfac`` ran with ``token_fraction < 1``).
         n_loss_tokens: number of loss tokens the mean loss (and so ``grad``) is taken over.
     """
 
@@ -329,39 +330,62 @@ class _Collector:
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], shared_inputs: bool, gradients: bool, arch: ArchSpec,
-                 products: torch.dtype = torch.float32):
+                 products: torch.dtype = torch.float32, token_fraction: float = 1.0, seed: int = 0):
         self.shared_inputs = shared_inputs
         self.gradients = gradients
         self.products = products
+        self.token_fraction = token_fraction
+        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: the same sample on any device
         self.stats = {name: _Stats(name, *linear_shape(m, arch)) for name, m in modules.items()}
         self.mask: Tensor | None = None  # flat boolean mask of the current batch's real tokens
         self.n_real = 0  # number of True entries in mask
+        self.sample: Tensor | None = None  # flat boolean mask of the positions in the A and G products
+        self.n_sample = 0
         self.in_backward = False
         self.last: tuple[tuple, Tensor, _ASum] | None = None
         self.n_loss_tokens = 0
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def rows(self, t: Tensor) -> Tensor:
-        """``t`` as float32 ``tokens x features``, padding positions dropped."""
+    def rows(self, t: Tensor, sampled: bool = False) -> Tensor:
+        """``t`` as float32 ``tokens x features``, padding positions dropped (``sampled``: only the
+        positions of the products' token sample)."""
         t2 = t.detach().reshape(-1, t.shape[-1])
-        if self.mask is not None:
-            if t2.shape[0] != self.mask.numel():
+        mask = self.sample if sampled and self.sample is not None else self.mask
+        if mask is not None:
+            if t2.shape[0] != mask.numel():
                 raise RuntimeError(
-                    f"a tracked module saw {t2.shape[0]} positions but the batch has {self.mask.numel()}; "
+                    f"a tracked module saw {t2.shape[0]} positions but the batch has {mask.numel()}; "
                     "cannot apply the attention mask"
                 )
-            t2 = t2[self.mask]
+            t2 = t2[mask]
         return t2.float()
 
-    def n_rows(self, t: Tensor) -> int:
-        """Number of positions ``rows(t)`` would return, without computing it."""
+    def n_rows(self, t: Tensor, sampled: bool = False) -> int:
+        """Number of positions ``rows(t, sampled)`` would return, without computing it."""
+        if sampled and self.sample is not None:
+            return self.n_sample
         return self.n_real if self.mask is not None else t.numel() // t.shape[-1]
 
-    def begin_batch(self, attention_mask: Tensor | None) -> None:
+    def begin_batch(self, attention_mask: Tensor | None, n_positions: int = 0,
+                    device: torch.device | None = None) -> None:
         self.mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
         self.n_real = 0 if self.mask is None else int(self.mask.sum())
+        self.sample, self.n_sample = None, 0
+        if self.token_fraction < 1.0 and n_positions:
+            self._draw_sample(n_positions, device)
         self.last = None
+
+    def _draw_sample(self, n_positions: int, device: torch.device | None) -> None:
+        """A uniform random subset (``token_fraction`` of the batch's real positions, at least one)
+        for the ``A`` and ``G`` products; ``grad`` keeps every position."""
+        real = (self.mask.nonzero().squeeze(1).cpu() if self.mask is not None
+                else torch.arange(n_positions))
+        k = max(1, round(self.token_fraction * real.numel())) if real.numel() else 0
+        chosen = real[torch.randperm(real.numel(), generator=self.generator)[:k]]
+        sample = torch.zeros(n_positions, dtype=torch.bool)
+        sample[chosen] = True
+        self.sample, self.n_sample = sample.to(device or "cpu"), k
 
     def end_forward(self) -> None:
         self.last = None
@@ -395,9 +419,9 @@ class _Collector:
         same_as_last = self.shared_inputs and self.last is not None and self.last[0] == key
         if st.a is None:
             st.a = self.last[2] if same_as_last else _ASum(st.n_in, x.device, self.products)  # type: ignore[index]
-        st.n_tokens += self.n_rows(x)
+        st.n_tokens += self.n_rows(x, sampled=True)
         if not (same_as_last and self.last[2] is st.a):  # type: ignore[index]
-            st.a.add(self.rows(x))
+            st.a.add(self.rows(x, sampled=True))
         self.last = (key, x, st.a)
 
     def _tap_output(self, st: _Stats, x: Tensor, y: Tensor) -> Tensor | None:
@@ -422,10 +446,11 @@ class _Collector:
         return leaf
 
     def _accumulate_g(self, st: _Stats, x: Tensor, g: Tensor) -> None:
-        g2 = self.rows(g)
+        g2 = self.rows(g, sampled=True)
         st.G = _accumulate_gram(st.G, g2, self.products)
         if self.gradients:
-            st.grad = _accumulate(st.grad, g2.T, self.rows(x))
+            g_all = g2 if self.sample is None else self.rows(g)
+            st.grad = _accumulate(st.grad, g_all.T, self.rows(x))
 
     # -- result -------------------------------------------------------------------------------
 
@@ -481,6 +506,8 @@ def collect_kfac(
     gradient_checkpointing: bool = False,
     gradients: bool = True,
     products: torch.dtype = torch.float32,
+    token_fraction: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, KFACFactors]:
     """Collect KFAC factors of ``modules`` over ``batches`` with the model's causal-LM loss.
 
@@ -506,6 +533,12 @@ def collect_kfac(
             product from bfloat16 copies of the inputs and output gradients, summed in float32;
             about half the time on hardware with bfloat16 matrix units, relative error of a
             factor ~1e-3). ``grad`` is always float32.
+        token_fraction: share of each batch's real positions whose ``x x^T`` and ``g g^T`` enter
+            ``A`` and ``G`` (a uniform random sample drawn with ``seed``; 1.0: every position, exact).
+            The pass itself is unchanged and ``grad`` always uses every position; the products cost
+            about ``token_fraction`` of their full time, and ``A``, ``G`` become averages over the
+            sample (``KFACFactors.n_tokens`` counts it).
+        seed: seed of the token sample (used only with ``token_fraction < 1``).
 
     Returns:
         name -> ``KFACFactors`` (float32, on the device of each module's inputs).
@@ -519,7 +552,9 @@ def collect_kfac(
         linear_shape(m, arch)  # type check with a clear error
     if products not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"products must be torch.float32, torch.bfloat16 or torch.float16, not {products}")
-    collector = _Collector(modules, shared_inputs, gradients, arch, products)
+    if not 0.0 < token_fraction <= 1.0:
+        raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
+    collector = _Collector(modules, shared_inputs, gradients, arch, products, token_fraction, seed)
     device = _input_device(model)
     handles = []
     with _frozen_eval(model):
@@ -531,7 +566,7 @@ def collect_kfac(
                 it = _progress(batches, progress, "KFAC statistics")
                 for batch in it:
                     ids, mask, labels = _prepare_batch(batch, device)
-                    collector.begin_batch(mask)
+                    collector.begin_batch(mask, ids.numel(), ids.device)
                     loss, n_loss = _loss_sum(model, ids, mask, labels)
                     collector.end_forward()
                     if n_loss > 0 and loss.requires_grad:

@@ -51,6 +51,12 @@ class GradOTOptions(MethodConfig):
     layer_drop: float = option(
         0.0, "hybrid with OT†: drop this share of the middle layers whole, evenly spaced as OT† chooses them "
         "(the first and last middle layers stay), then allocate the budget by curvature inside the rest")
+    kfac_tokens: float = option(
+        1.0, "share of each calibration batch's tokens whose x xᵀ and g gᵀ products enter the KFAC factors (a "
+        "seeded random sample; 1 = every token, exact); the pass is unchanged, the products cost about this share "
+        "of their time (docs/speed.md: 0.5 moves the plan less than another calibration sample does)")
+    kfac_bf16: bool = option(False, "compute the KFAC products from bfloat16 copies, summed in float32 (about half "
+                             "their time on CPUs with bfloat16 units and on GPUs; the plan is unchanged to 1e-4)")
     gradient_checkpointing: bool = option(False, "recompute activations during the statistics pass (large models)",
                                           runtime=True)
     layers_per_pass: int | None = option(
@@ -61,6 +67,8 @@ class GradOTOptions(MethodConfig):
     def __post_init__(self):
         if not 0.0 <= self.layer_drop < 1.0:
             raise MethodConfigError(f"--layer-drop must be in [0, 1), got {self.layer_drop}")
+        if not 0.0 < self.kfac_tokens <= 1.0:
+            raise MethodConfigError(f"--kfac-tokens must be in (0, 1], got {self.kfac_tokens}")
         if self.layer_drop and self.allocation == "global-layers":
             raise MethodConfigError("--layer-drop fixes which layers go: use --allocation global or uniform with it")
         if self.auto_lambda is not None and self.layers_per_pass:

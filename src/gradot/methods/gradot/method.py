@@ -3,6 +3,7 @@ its two ablations ``svd`` and ``wanda`` (which share ``build_gradot_like``)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...emulator import Emulator
@@ -27,15 +28,21 @@ def build_gradot_like(model: nn.Module, split: Split, options, calibration) -> E
     auto = getattr(options, "auto_lambda", None) is not None
     layers_per_pass = getattr(options, "layers_per_pass", None)
     checkpointing = getattr(options, "gradient_checkpointing", False)
+    products = {"products": torch.bfloat16 if getattr(options, "kfac_bf16", False) else torch.float32,
+                "token_fraction": getattr(options, "kfac_tokens", 1.0)}
     if selection != "svd":
         batches = calibration.batches
         if layers_per_pass:  # large models: a few layers' factors in memory at a time
             scores = collect_and_score(model, split, cfg, batches, layers_per_pass=layers_per_pass,
-                                       gradient_checkpointing=checkpointing)
+                                       gradient_checkpointing=checkpointing, **products)
         else:
             factors = collect_kfac(model, middle_linears(model, split, mlp_only=selection == "wanda"), batches,
-                                   gradient_checkpointing=checkpointing, gradients=auto or needs_gradients(cfg))
+                                   gradient_checkpointing=checkpointing, gradients=auto or needs_gradients(cfg),
+                                   **products)
         settings["calibration"] = calibration.described
+        if products["token_fraction"] < 1.0 or products["products"] != torch.float32:  # not the exact factors
+            settings["kfac_products"] = {"token_fraction": products["token_fraction"],
+                                         "dtype": str(products["products"]).removeprefix("torch.")}
     if auto:
         cfg, scores, settings["auto_lambda"] = choose_lambda(model, split, factors, cfg, batches, options.auto_lambda)
     # Scoring every component and channel, then building the layers: minutes on a CPU, no bar.

@@ -247,7 +247,8 @@ def needs_gradients(cfg: GradOTConfig) -> bool:
 def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches, *,
                       layers_per_pass: int | None = None, gradient_checkpointing: bool = False,
                       gradients: bool | None = None, progress: bool = True,
-                      timings: dict | None = None, products: torch.dtype = torch.float32) -> list[LayerScores]:
+                      timings: dict | None = None, products: torch.dtype = torch.float32,
+                      token_fraction: float = 1.0) -> list[LayerScores]:
     """KFAC statistics over ``batches`` and the scores of every middle layer.
 
     ``layers_per_pass=None`` collects every middle layer's factors in one forward-backward pass
@@ -257,8 +258,8 @@ def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches
     factor memory is that of ``n`` layers (plus the scores kept: the attention SVDs and per-unit
     vectors); the time grows with the number of chunks (each repeats the forward). Both give the
     same scores. ``gradients=None`` collects ``grad`` only when ``cfg`` needs it. ``timings``, if
-    given, receives ``statistics_s`` and ``scores_s``. ``products``: precision of the ``A``/``G``
-    products (``collect_kfac``).
+    given, receives ``statistics_s`` and ``scores_s``. ``products`` and ``token_fraction``: precision
+    of the ``A``/``G`` products and the share of tokens they run over (``collect_kfac``).
     """
     from ...stats.kfac import collect_kfac  # kfac imports nothing from here; keep the import light
 
@@ -278,7 +279,7 @@ def collect_and_score(model: nn.Module, split: Split, cfg: GradOTConfig, batches
         t0 = time.perf_counter()
         factors = collect_kfac(model, middle_linears(model, split, mlp_only=cfg.selection == "wanda", layers=chunk),
                                batches, progress=progress, gradient_checkpointing=gradient_checkpointing,
-                               gradients=gradients, products=products)
+                               gradients=gradients, products=products, token_fraction=token_fraction)
         t1 = time.perf_counter()
         scores += score_middle(model, split, factors, cfg, layers=chunk)
         del factors  # freed before the next chunk's pass
