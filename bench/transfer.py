@@ -11,7 +11,8 @@ token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
 ridge, k, layer_drop: GradOT with that share of middle layers dropped whole first, kfac_tokens / kfac_bf16:
-GradOT's KFAC products over that share of the tokens / in bfloat16 (1), calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
+GradOT's KFAC products over that share of the tokens / in bfloat16 (1), calib_skip: calibration from the
+next sequences (another sample of the same size), calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
 for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
 a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
@@ -57,7 +58,9 @@ EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int
                  # the trained methods (distill, scaleot)
                  "layer_drop": float, "distill_steps": int, "init": str,
                  # GradOT's cheaper KFAC products (issue 12): token share, bfloat16 (1)
-                 "kfac_tokens": float, "kfac_bf16": int}
+                 "kfac_tokens": float, "kfac_bf16": int,
+                 # another calibration sample of the same size: skip this many WikiText sequences first
+                 "calib_skip": int}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
@@ -168,8 +171,11 @@ class Bench:
     def calibration(self, spec: dict):
         if spec.get("calib_data"):
             return self.qa_calibration(spec), None
-        cs = CalibrationSpec(str(default_calibration_path()), spec["calib"], spec["calib_len"], 8)
-        return calibration_batches(self.tok, cs), cs
+        skip = spec.get("calib_skip", 0)
+        if skip % 8:
+            raise SystemExit(f"calib_skip={skip}: a multiple of the batch size 8, please")
+        cs = CalibrationSpec(str(default_calibration_path()), spec["calib"] + skip, spec["calib_len"], 8)
+        return calibration_batches(self.tok, cs)[skip // 8:], cs
 
     def qa_calibration(self, spec: dict) -> list[dict]:
         """Calibration like the data owner's training: (question, answer) rows of *other* public tasks'
@@ -205,8 +211,8 @@ class Bench:
             factors = None
             if selection != "svd":
                 fraction, low = spec.get("kfac_tokens", 1.0), bool(spec.get("kfac_bf16", 0))
-                key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec["k"], selection == "wanda",
-                       needs_gradients(cfg), fraction, low)
+                key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec.get("calib_skip", 0), spec["k"],
+                       selection == "wanda", needs_gradients(cfg), fraction, low)
                 if key not in self._factors:
                     batches, _ = self.calibration(spec)
                     self._factors = {key: collect_kfac(
