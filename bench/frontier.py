@@ -3,7 +3,8 @@
 Loss frontier (``bench/transfer.py`` cells, one recipe): per task and method, loss transfer against
 the emulator's privacy figures: WikiText-2 test perplexity and its own held-out answer loss before
 training (higher = a worse stand-alone model = more private). Only emulators that differ from the
-bench's defaults by method and keep enter, so each method is one curve over keep.
+bench's defaults by method, keep and allocation enter: each method is one curve over keep, and a
+non-default allocation is a curve of its own (``gradot global-layers``).
 
 Dominance: for every point of another method, GradOT's transfer at the same privacy, linearly
 interpolated between neighbouring keeps of its curve (in log perplexity, or in held-out loss; privacy
@@ -51,15 +52,17 @@ def loss_points(folder: Path, recipe: dict, methods: list[str]) -> dict[tuple[st
     for path in sorted(folder.glob("cell-*.json")):
         cell = json.loads(path.read_text())
         spec = cell["emulator"]
-        plain = {k: v for k, v in spec.items() if k not in ("method", "keep")}
+        plain = {k: v for k, v in spec.items() if k not in ("method", "keep", "allocation")}
         if cell["recipe"] != recipe or spec["method"] not in methods:
             continue
-        if plain != {k: v for k, v in EMULATOR_DEFAULTS.items() if k != "keep"}:
+        if plain != {k: v for k, v in EMULATOR_DEFAULTS.items() if k not in ("keep", "allocation")}:
             continue  # a lever (lambda, refit, k, ...), not a point of the method's keep curve
+        allocation = spec.get("allocation", EMULATOR_DEFAULTS["allocation"])
+        label = spec["method"] if allocation == EMULATOR_DEFAULTS["allocation"] else f"{spec['method']} {allocation}"
         record = emulators.get(slug(spec))  # the bench names an emulator's record by its spec's slug
         if record is None:
             continue
-        curves.setdefault((cell["task"], spec["method"]), []).append({
+        curves.setdefault((cell["task"], label), []).append({
             "keep": spec["keep"], "keep_achieved": record["keep_achieved"], "ppl": record["perplexity"],
             "loss": mean(cell["emu_before"]), "transfer": cell["transfer"][0], "se": cell["transfer"][1]})
     for points in curves.values():

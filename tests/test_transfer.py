@@ -1,5 +1,6 @@
 """Transfer ratios (accuracy and loss) and training-free compensation of an emulator."""
 
+import json
 import math
 
 import pytest
@@ -163,3 +164,25 @@ def test_frontier_interpolates_along_the_keep_curve_and_never_extrapolates(monke
     rows = frontier.dominance(other)
     assert [r["gradot_at_loss"] for r in rows][1] is None  # uniform 0.4 is more private than any GradOT point
     assert rows[0]["gradot_at_loss"][1] == pytest.approx(0.45 - 0.7)  # GradOT below OT† there: reported, negative
+
+
+def test_frontier_curves_are_per_method_and_allocation_and_skip_levers(monkeypatch, tmp_path):
+    """A non-default allocation is a curve of its own; an emulator with any other lever is not a point."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier
+    from transfer import EMULATOR_DEFAULTS, slug
+
+    recipe = {"lr": 3e-4, "steps": 30, "lora": 0, "pull": 0.0, "loss": "answer"}
+    for i, extra in enumerate(({"method": "gradot"}, {"method": "gradot", "allocation": "global-layers"},
+                               {"method": "uniform"}, {"method": "gradot", "lambda": 0.1})):
+        spec = {**EMULATOR_DEFAULTS, "keep": 0.7, **extra}
+        (tmp_path / f"emulator-{slug(spec)}.json").write_text(json.dumps({"keep_achieved": 0.7, "perplexity": 90.0 + i}))
+        cell = {"task": "arc_easy", "emulator": spec, "recipe": recipe, "emu_before": [6.0, 7.0],
+                "transfer": [0.5 + i / 10, 0.02]}
+        (tmp_path / f"cell-{i}.json").write_text(json.dumps(cell))
+    curves = frontier.loss_points(tmp_path, recipe, ["uniform", "gradot"])
+    assert sorted(curves) == [("arc_easy", "gradot"), ("arc_easy", "gradot global-layers"), ("arc_easy", "uniform")]
+    assert curves["arc_easy", "gradot global-layers"][0]["transfer"] == pytest.approx(0.6)
+    assert curves["arc_easy", "gradot global-layers"][0]["ppl"] == 91.0
