@@ -168,14 +168,16 @@ class Bench:
         return self._data[key]
 
     # -- emulators ----------------------------------------------------------------------------
-    def calibration(self, spec: dict):
+    def calibration(self, spec: dict) -> list:
+        """The spec's calibration batches: task rows (``calib_data``) or WikiText-2, ``calib_skip``
+        sequences in (another sample of the same size)."""
         if spec.get("calib_data"):
-            return self.qa_calibration(spec), None
+            return self.qa_calibration(spec)
         skip = spec.get("calib_skip", 0)
         if skip % 8:
             raise SystemExit(f"calib_skip={skip}: a multiple of the batch size 8, please")
         cs = CalibrationSpec(str(default_calibration_path()), spec["calib"] + skip, spec["calib_len"], 8)
-        return calibration_batches(self.tok, cs)[skip // 8:], cs
+        return calibration_batches(self.tok, cs)[skip // 8:]
 
     def qa_calibration(self, spec: dict) -> list[dict]:
         """Calibration like the data owner's training: (question, answer) rows of *other* public tasks'
@@ -201,24 +203,26 @@ class Bench:
         from gradot.methods import compress, get, make_config
 
         if hasattr(get(method).config, "engine"):  # GradOT and its ablations: KFAC factors shared across specs
-            from gradot.methods.gradot import gradot_emulator, middle_linears, needs_gradients
+            from gradot.methods.gradot import gradot_emulator, kfac_products, middle_linears, needs_gradients
             from gradot.stats.kfac import collect_kfac
 
             options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"],
-                       **({"layer_drop": spec["layer_drop"]} if "layer_drop" in spec else {})}
-            cfg = make_config(get(method).config, spec["keep"], options).engine()
+                       **({"layer_drop": spec["layer_drop"]} if "layer_drop" in spec else {}),
+                       **({"kfac_tokens": spec["kfac_tokens"]} if "kfac_tokens" in spec else {}),
+                       **({"kfac_bf16": bool(spec["kfac_bf16"])} if "kfac_bf16" in spec else {})}
+            method_options = make_config(get(method).config, spec["keep"], options)
+            cfg = method_options.engine()
             selection = cfg.selection
             factors = None
             if selection != "svd":
-                fraction, low = spec.get("kfac_tokens", 1.0), bool(spec.get("kfac_bf16", 0))
+                products = kfac_products(method_options)
                 key = (spec["calib"], spec["calib_len"], spec.get("calib_data"), spec.get("calib_skip", 0), spec["k"],
-                       selection == "wanda", needs_gradients(cfg), fraction, low)
+                       selection == "wanda", needs_gradients(cfg), tuple(products.values()))
                 if key not in self._factors:
-                    batches, _ = self.calibration(spec)
+                    batches = self.calibration(spec)
                     self._factors = {key: collect_kfac(
                         self.model, middle_linears(self.model, split, mlp_only=selection == "wanda"), batches,
-                        gradients=needs_gradients(cfg), token_fraction=fraction,
-                        products=torch.bfloat16 if low else torch.float32)}  # one set in memory at a time
+                        gradients=needs_gradients(cfg), **products)}  # one set in memory at a time
                 factors = self._factors[key]
             return gradot_emulator(self.model, split, cfg, factors, method=method)
         options = dict(adapter_layers=spec["k"], calib=None, calib_sequences=spec["calib"],
@@ -233,7 +237,7 @@ class Bench:
             t0 = time.perf_counter()
             emu = self.build_emulator(spec)
             if spec["refit"] != "none":
-                batches, _ = self.calibration(spec)
+                batches = self.calibration(spec)
                 compensate(self.model, emu, batches, ridge=spec["ridge"], scope=spec["refit"])
             emu.manifest.setdefault("settings", {})["bench_compress_seconds"] = round(time.perf_counter() - t0, 1)
             save_emulator(emu, folder, overwrite=True)

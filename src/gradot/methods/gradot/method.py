@@ -14,6 +14,13 @@ from ..base import SimpleMethod
 from .config import GradOTOptions
 
 
+def kfac_products(options) -> dict:
+    """``collect_kfac``'s ``products`` and ``token_fraction`` from ``--kfac-bf16`` / ``--kfac-tokens``
+    (exact for option classes without them: the svd/wanda ablations)."""
+    return {"products": torch.bfloat16 if getattr(options, "kfac_bf16", False) else torch.float32,
+            "token_fraction": getattr(options, "kfac_tokens", 1.0)}
+
+
 def build_gradot_like(model: nn.Module, split: Split, options, calibration) -> Emulator:
     """The emulator of GradOT or of one of its ablations, by ``options``' class (``GradOTOptions``,
     ``AblationConfig``: its ``selection``): factors from ``calibration`` (none for svd), scores,
@@ -28,8 +35,7 @@ def build_gradot_like(model: nn.Module, split: Split, options, calibration) -> E
     auto = getattr(options, "auto_lambda", None) is not None
     layers_per_pass = getattr(options, "layers_per_pass", None)
     checkpointing = getattr(options, "gradient_checkpointing", False)
-    products = {"products": torch.bfloat16 if getattr(options, "kfac_bf16", False) else torch.float32,
-                "token_fraction": getattr(options, "kfac_tokens", 1.0)}
+    products = kfac_products(options)
     if selection != "svd":
         batches = calibration.batches
         if layers_per_pass:  # large models: a few layers' factors in memory at a time
