@@ -14,6 +14,11 @@ Results go to ``OUT/rows/<label>.json`` as each finishes (a rerun skips finished
 ``OUT/trained.json`` and ``OUT/trained.md``.
 
     OMP_NUM_THREADS=1 python bench/trained.py --keep 0.4 --out results/trained
+
+On a GPU (build time at larger shapes; a random model's perplexity says nothing about quality)::
+
+    python bench/trained.py --model random:1b --tokenizer TOKENIZER_DIR --device cuda --dtype bfloat16 \
+        --methods uniform,gradot,distill,scaleot --out OUT
 """
 
 from __future__ import annotations
@@ -39,7 +44,12 @@ VARIANTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default",
+                   help="'default', a local model folder, or random:<size> (a random Llama of bench/shapes.py's shapes)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with random:<size>: a tokenizer folder (default: the default model's tokenizer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--keep", type=float, default=0.4)
     p.add_argument("--methods", default="uniform,gradot,distill,scaleot,scaleot-uniform,distill-gradot")
     p.add_argument("--calib-sequences", type=int, default=40)
@@ -52,9 +62,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads what the method took."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     from gradot.methods import Calibration, get, make_config
     from gradot.modeling import load_model
     from gradot.provenance import git_commit
@@ -64,7 +81,15 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model)
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("random:"):
+        from shapes import random_llama
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("default")[1]
+        model = random_llama(args.model.split(":", 1)[1], dtype=dtype, device=args.device)
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=args.device)
     model.eval()
     calib = CalibrationSpec(str(default_calibration_path()), args.calib_sequences, args.calib_len, 8)
     batches = calibration_batches(tok, calib)
@@ -85,9 +110,11 @@ def main(argv=None) -> None:
         method = get(name)
         options = {**options, "distill_steps": args.distill_steps, "distill_batch": args.distill_batch}
         config = make_config(method.config, args.keep, options)
+        sync(args.device)
         start = time.perf_counter()
         emu = method.build(model, split, config, Calibration(batches, calib.describe()) if method.needs_calibration
                            else None)
+        sync(args.device)
         seconds = time.perf_counter() - start
         settings = emu.manifest["settings"]
         training = settings.get("training", {})
@@ -104,14 +131,17 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("label", "build_s", "keep_achieved", "ppl")}), flush=True)
         del emu
-    meta = {"command": "OMP_NUM_THREADS=1 python bench/trained.py " + " ".join(sys.argv[1:]),
+    where = (f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}" if args.device.startswith("cuda")
+             else f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+    meta = {"command": ("" if args.device.startswith("cuda") else "OMP_NUM_THREADS=1 ")
+            + "python bench/trained.py " + " ".join(sys.argv[1:]),
             "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            "machine": where, "dtype": args.dtype,
             "args": vars(args), "calibration": calib.describe(), "test": test.describe()}
     (out / "trained.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Trained baselines against training-free methods", "",
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date {meta['date']}; machine: {meta['machine']}  ",
-             f"Model {args.model}, keep {args.keep}, k = 2. Calibration / training text: WikiText-2 validation, "
+             f"Model {args.model} ({args.dtype} on {args.device}), keep {args.keep}, k = 2. Calibration / training text: WikiText-2 validation, "
              f"{args.calib_sequences} × {args.calib_len} tokens (distill/scaleot: {args.distill_batch} sequences a step, "
              f"the last batch held back). Perplexity: WikiText-2 test, {args.ppl_sequences} × {args.ppl_len} tokens.",
              "", "| emulator | build s | of which training s | steps × tokens | keep achieved | depth | "
