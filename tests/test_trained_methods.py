@@ -304,3 +304,20 @@ def test_privacy_bench_measures_the_trained_methods(tmp_path, monkeypatch):
     assert "| distill | 2 | 128 |" in md and info["command"].startswith("python bench/privacy.py --model")
     with pytest.raises(SystemExit):
         bench.main(["--model", str(folder), "--methods", "uniform,nonesuch", "--out", str(out)])
+
+
+def test_bench_trained_on_a_random_shape(tmp_path):
+    """bench/trained.py's random:<size> path (what the GPU check runs) builds, trains and reports."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "trained.py"
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(bench), "--model", "random:tiny", "--methods", "uniform,distill",
+                           "--calib-sequences", "12", "--calib-len", "32", "--distill-steps", "2",
+                           "--ppl-sequences", "4", "--ppl-len", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["label"]: r for r in json.loads((out / "trained.json").read_text())["rows"]}
+    assert set(rows) == {"original", "uniform", "distill"}
+    assert rows["distill"]["steps"] == 2 and rows["distill"]["heldout"]["loss_after"] > 0
+    assert "Model random:tiny (float32 on cpu)" in (out / "trained.md").read_text()
