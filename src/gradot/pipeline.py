@@ -112,20 +112,18 @@ def _upgrade_record(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
 
 
 def _difference(key: str, before: Any, now: Any) -> str:
-    """``key: before -> now``; for a table of rates only what changed, once if every entry changed alike."""
-    if not (isinstance(before, dict) and isinstance(now, dict)) or key != "learning_rates":
+    """``key: before -> now``, descending into nested dicts to name only the entries that changed;
+    a table of plain values whose every entry changed alike (one rate for every task) is said once."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
         return f"{key}: {before!r} -> {now!r}"
-    parts = []
-    for kind in sorted(set(before) | set(now)):
-        b, n = before.get(kind) or {}, now.get(kind) or {}
-        pairs = {(b.get(t), n.get(t)) for t in set(b) | set(n) if b.get(t) != n.get(t)}
-        if len(pairs) == 1 and all(b.get(t) != n.get(t) for t in set(b) | set(n)):
-            (x, y), = pairs
-            parts.append(f"{key}.{kind}: {x!r} -> {y!r} (every task)")
-        else:
-            parts += [f"{key}.{kind}.{t}: {b.get(t)!r} -> {n.get(t)!r}" for t in sorted(set(b) | set(n))
-                      if b.get(t) != n.get(t)]
-    return "; ".join(parts)
+    keys = sorted(set(before) | set(now))
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    plain = not any(isinstance(v, dict) for v in (*before.values(), *now.values()))
+    pairs = {(repr(before.get(k)), repr(now.get(k))) for k in changed}
+    if plain and len(keys) > 1 and len(changed) == len(keys) and len(pairs) == 1:
+        (x, y), = pairs
+        return f"{key}: {x} -> {y} (every task)" if key.startswith("learning_rates") else f"{key}: {x} -> {y} (every entry)"
+    return "; ".join(_difference(f"{key}.{k}", before.get(k), now.get(k)) for k in changed)
 
 
 def _with_new_option_defaults(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
