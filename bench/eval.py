@@ -10,6 +10,12 @@ exact_match, perplexities) came out the same. Ratios are of CPU time: on a share
 also measures the other jobs. One warm-up call per scorer (one row of one task) is discarded.
 
     OMP_NUM_THREADS=1 python bench/eval.py --threads 1 --limit 10 --out results/eval
+
+On a GPU (used when one is visible) the GPU's work is waited for before each clock is read and the
+ratios are of wall time (CPU time there measures the launching thread, not the work); a random model of
+a real shape stands in where the default model cannot be loaded::
+
+    python bench/eval.py --model random:1b --tokenizer TOKENIZER_DIR --dtype bfloat16 --limit 100 --out OUT
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from common import git_commit, machine, write_markdown  # bench/ is on sys.path 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default', a local model folder or a .gguf file")
+    p.add_argument("--model", default="default",
+                   help="'default', a local model folder, a .gguf file, or random:<size> (bench/shapes.py)")
+    p.add_argument("--tokenizer", default=None, help="with random:<size>: a tokenizer folder (default: the default model's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated, from: {', '.join(EVAL_TASKS)}")
     p.add_argument("--limit", type=int, default=10, help="rows per task (documents for wikitext)")
     p.add_argument("--batch-size", type=int, default=8, help="evaluate()'s batch size, the CLI's default")
@@ -40,6 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="results/eval")
     return p.parse_args(argv)
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that the clocks read what the scoring took."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class Meter:
@@ -54,10 +69,12 @@ class Meter:
 
     def _timed(self, method):
         def timed(lm, requests, *args, **kwargs):
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return method(lm, requests, *args, **kwargs)
             finally:
+                sync()
                 self.requests += len(requests)
                 self.wall += time.perf_counter() - wall
                 self.cpu += time.process_time() - cpu
@@ -76,7 +93,16 @@ def main(argv=None):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     commit, started = git_commit(), machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(args.model, device=device)
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("random:"):
+        from shapes import random_llama
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("default")[1]
+        model = random_llama(args.model.split(":", 1)[1], dtype=dtype, device=device).eval()
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=device)
+    clock = "wall" if device == "cuda" else "cpu"  # what the ratios divide
     meter = Meter()
     for scorer in SCORERS:  # warm-up: first-call costs (imports, dataset caches) out of the timings
         evaluate(model, tok, [tasks[0]], data_dir=args.data_dir, limit=1, batch_size=args.batch_size,
@@ -93,16 +119,17 @@ def main(argv=None):
             row[scorer] = {"metrics": metrics, "requests": meter.requests, "score_wall_s": meter.wall,
                            "score_cpu_s": meter.cpu, "evaluate_wall_s": time.perf_counter() - wall,
                            "evaluate_cpu_s": time.process_time() - cpu,
-                           "requests_per_cpu_s": meter.requests / meter.cpu}
+                           "requests_per_cpu_s": meter.requests / meter.cpu,
+                           "requests_per_s": meter.requests / (meter.wall if clock == "wall" else meter.cpu)}
         stock, fast = row["stock"], row["fast"]
-        row["speedup_scoring"] = stock["score_cpu_s"] / fast["score_cpu_s"]
-        row["speedup_evaluate"] = stock["evaluate_cpu_s"] / fast["evaluate_cpu_s"]
+        row["speedup_scoring"] = stock[f"score_{clock}_s"] / fast[f"score_{clock}_s"]
+        row["speedup_evaluate"] = stock[f"evaluate_{clock}_s"] / fast[f"evaluate_{clock}_s"]
         scored = {k: v for k, v in stock["metrics"].items() if not k.endswith("_stderr")}
         row["same_metrics"] = all(fast["metrics"].get(k) == v for k, v in scored.items())
         row["metrics_compared"] = sorted(scored)
         rows.append(row)
-        print(f"{task}: {stock['requests']} requests, stock {stock['score_cpu_s']:.1f} CPU-s, fast "
-              f"{fast['score_cpu_s']:.1f} CPU-s ({row['speedup_scoring']:.2f}x), same metrics: {row['same_metrics']}",
+        print(f"{task}: {stock['requests']} requests, stock {stock[f'score_{clock}_s']:.1f} {clock}-s, fast "
+              f"{fast[f'score_{clock}_s']:.1f} {clock}-s ({row['speedup_scoring']:.2f}x), same metrics: {row['same_metrics']}",
               flush=True)
 
     def total(scorer, key):
@@ -110,10 +137,11 @@ def main(argv=None):
 
     summary = {
         "requests": total("stock", "requests"),
-        "speedup_scoring": total("stock", "score_cpu_s") / total("fast", "score_cpu_s"),
-        "speedup_evaluate": total("stock", "evaluate_cpu_s") / total("fast", "evaluate_cpu_s"),
-        "stock_requests_per_cpu_s": total("stock", "requests") / total("stock", "score_cpu_s"),
-        "fast_requests_per_cpu_s": total("fast", "requests") / total("fast", "score_cpu_s"),
+        "clock": clock,
+        "speedup_scoring": total("stock", f"score_{clock}_s") / total("fast", f"score_{clock}_s"),
+        "speedup_evaluate": total("stock", f"evaluate_{clock}_s") / total("fast", f"evaluate_{clock}_s"),
+        "stock_requests_per_s": total("stock", "requests") / total("stock", f"score_{clock}_s"),
+        "fast_requests_per_s": total("fast", "requests") / total("fast", f"score_{clock}_s"),
         "all_metrics_same": all(r["same_metrics"] for r in rows),
     }
     command = "OMP_NUM_THREADS=%s python bench/eval.py %s" % (
@@ -131,20 +159,20 @@ def main(argv=None):
         "# Evaluation speed: stock HFLM against FastHFLM", "",
         f"Command: `{command}`  ",
         f"Commit: {commit}; date {info['date']}; machine: {started}  ",
-        f"Model: {args.model}; first {args.limit} rows per task; batch size {args.batch_size} (stock: requests per "
-        "forward; fast: contexts per forward). Scoring = the harness LM's loglikelihood calls; evaluate = the "
-        "whole `evaluate()` call. Ratios of CPU time.", "",
-        "| task | requests | stock req/CPU-s | fast req/CPU-s | × scoring | × evaluate | stock wall s | fast wall s "
+        f"Model: {args.model} ({args.dtype} on {device}); first {args.limit} rows per task; batch size "
+        f"{args.batch_size} (stock: requests per forward; fast: contexts per forward). Scoring = the harness LM's "
+        f"loglikelihood calls; evaluate = the whole `evaluate()` call. Ratios of {clock.upper() if clock == 'cpu' else clock} time.", "",
+        f"| task | requests | stock req/{clock}-s | fast req/{clock}-s | × scoring | × evaluate | stock wall s | fast wall s "
         "| metrics (stock) | same metrics |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, f = r["stock"], r["fast"]
-        lines.append(f"| {r['task']} | {s['requests']} | {s['requests_per_cpu_s']:.2f} | {f['requests_per_cpu_s']:.2f} | "
+        lines.append(f"| {r['task']} | {s['requests']} | {s['requests_per_s']:.2f} | {f['requests_per_s']:.2f} | "
                      f"**{r['speedup_scoring']:.2f}** | {r['speedup_evaluate']:.2f} | {s['evaluate_wall_s']:.1f} | "
                      f"{f['evaluate_wall_s']:.1f} | {metric_text(s['metrics'])} | {'yes' if r['same_metrics'] else 'NO'} |")
-    lines.append(f"| all | {summary['requests']} | {summary['stock_requests_per_cpu_s']:.2f} | "
-                 f"{summary['fast_requests_per_cpu_s']:.2f} | **{summary['speedup_scoring']:.2f}** | "
+    lines.append(f"| all | {summary['requests']} | {summary['stock_requests_per_s']:.2f} | "
+                 f"{summary['fast_requests_per_s']:.2f} | **{summary['speedup_scoring']:.2f}** | "
                  f"{summary['speedup_evaluate']:.2f} | {total('stock', 'evaluate_wall_s'):.1f} | "
                  f"{total('fast', 'evaluate_wall_s'):.1f} | | {'yes' if summary['all_metrics_same'] else 'NO'} |")
     write_markdown(out / "eval.md", lines)

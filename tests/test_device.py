@@ -100,6 +100,50 @@ def test_bf16_adapter_finetune_on_the_gpu_trains_only_the_adapter(tmp_path):
     assert stats["steps"] == 2
 
 
+
+@cuda
+def test_fast_scorer_on_the_gpu_scores_as_the_harness():
+    """FastHFLM on CUDA (batched contexts, copied KV caches, head on continuations only) gives the stock
+    HFLM's scores on the same GPU, and the CPU's to float rounding."""
+    from lm_eval.models.huggingface import HFLM
+    from test_scorer import _requests
+
+    from gradot.scorer import FastHFLM
+
+    model, tok = tiny_model("llama").eval(), tiny_tokenizer()
+    requests = _requests(model, max_length=48)
+    cpu = FastHFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=48)._loglikelihood_tokens(
+        requests, disable_tqdm=True)
+    model = model.to("cuda")
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=48)._loglikelihood_tokens(
+        requests, disable_tqdm=True)
+    fast = FastHFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=48)
+    assert fast.device.type == "cuda"
+    got = fast._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in stock]
+    torch.testing.assert_close([ll for ll, _ in got], [ll for ll, _ in stock], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close([ll for ll, _ in got], [ll for ll, _ in cpu], rtol=1e-4, atol=1e-3)
+
+
+@cuda
+def test_pipeline_on_the_gpu_runs_every_stage_and_scores_as_the_cpu(tiny_model_dir, calib_file, tmp_path, capsys):
+    """``gradot pipeline --device cuda`` end to end (compress, fine-tune, evaluate, plug in) on a tiny
+    model: every cell written; the untrained rows score as on the CPU."""
+    cells = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        code = main(["pipeline", "--model", str(tiny_model_dir), "--method", "gradot", "--tasks", "arc_easy",
+                     "--keep", "0.5", "--limit", "8", "--train-limit", "8", "--max-steps", "2",
+                     "--train-batch-size", "4", "--calib", str(calib_file), "--calib-sequences", "4",
+                     "--calib-len", "16", "--device", device, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        cells[device] = json.loads((out / "results.json").read_text())["cells"]
+    gpu, cpu = cells["cuda"], cells["cpu"]
+    assert set(gpu) == set(cpu) and {"Full ZS", "Adapter FT", "gradot: Emu ZS", "gradot: Emu FT", "gradot: Plug-in"} <= set(gpu)
+    for row in ("Full ZS", "gradot: Emu ZS"):
+        assert gpu[row]["arc_easy"]["acc"] == cpu[row]["arc_easy"]["acc"], row
+
 def test_layers_offloaded_by_a_device_map_compress_to_the_in_memory_emulator(tiny_model_dir, calib_file, tmp_path,
                                                                               capsys):
     # Adapter layer 0 and middle layers 2-3 live on disk (accelerate offload, weights on the meta
