@@ -79,6 +79,16 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     assert code == 2 and "other settings (keep: 0.5 -> 0.4; train_limit: 8 -> 6)" in err
     code, _, err = run(capsys, *argv, "--report-only", "--eval-batch-size", "2", "--tasks", "piqa")
     assert code == 0, err
+    # The report covers the folder, not only this command's tasks and methods (one task per command
+    # must not leave a report of the last task alone); this command's come first.
+    info = json.loads((out / "results.json").read_text())
+    assert info["config"]["tasks"] == ["piqa", "arc_easy"] and info["config"]["methods"] == ["uniform", "crash"]
+    assert "| row | piqa | arc_easy | avg |" in (out / "results.md").read_text()
+    code, _, err = run(capsys, *argv, "--report-only", "--tasks", "arc_easy", "--method", "crash")
+    assert code == 0, err
+    info = json.loads((out / "results.json").read_text())
+    assert info["config"]["tasks"] == ["arc_easy", "piqa"] and info["config"]["methods"] == ["crash", "uniform"]
+    assert info["table"]["uniform: Plug-in"].keys() == {"piqa", "arc_easy", "avg"}
 
 
 def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys, monkeypatch):

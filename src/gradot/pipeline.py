@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -326,4 +326,35 @@ class Pipeline:
 
     # -- report -------------------------------------------------------------------------------
     def report(self, cells: dict[str, dict[str, dict]]) -> dict:
-        return write_report(self.out, self.cfg, cells)
+        """The folder's report: this run's cells and every other cell the folder holds (a task or
+        method computed by an earlier command with the same settings), so that running one task per
+        command never leaves a report of the last task alone. This run's tasks and methods come first."""
+        found_tasks, found_methods = set(), set()
+        for row, task, cell in folder_cells(self.out / "cells"):
+            cells.setdefault(row, {}).setdefault(task, cell)
+            found_tasks.add(task)
+            if ": " in row:
+                found_methods.add(row.split(": ", 1)[0])
+        order = {t: i for i, t in enumerate(TASK_NAMES)}
+        tasks = list(self.cfg.tasks) + sorted(found_tasks - set(self.cfg.tasks), key=order.__getitem__)
+        methods = list(self.cfg.methods) + sorted(found_methods - set(self.cfg.methods))
+        return write_report(self.out, replace(self.cfg, tasks=tasks, methods=methods), cells)
+
+
+#: Cell file names: ``full_zs-TASK`` (rows of the original) and ``METHOD-emu_zs-TASK`` (a method's rows).
+ORIGINAL_ROWS = {"full_zs": "Full ZS", "full_ft": "Full FT", "adapter_ft": "Adapter FT"}
+METHOD_ROWS = {"emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plugin": "Plug-in"}
+
+
+def folder_cells(cells_dir: Path):
+    """``(row, task, cell)`` for every cell file in a pipeline folder (names as ``Pipeline.run`` writes them)."""
+    for path in sorted(cells_dir.glob("*.json")):
+        parts = path.stem.split("-")
+        if len(parts) == 2 and parts[0] in ORIGINAL_ROWS:
+            row, task = ORIGINAL_ROWS[parts[0]], parts[1]
+        elif len(parts) == 3 and parts[1] in METHOD_ROWS:
+            row, task = f"{parts[0]}: {METHOD_ROWS[parts[1]]}", parts[2]
+        else:
+            continue  # not a cell of this pipeline (a user's file): not part of the table
+        if task in TASK_NAMES:
+            yield row, task, json.loads(path.read_text())

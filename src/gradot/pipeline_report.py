@@ -86,7 +86,8 @@ def markdown_table(info: dict, tasks: list[str]) -> str:
     cols = tasks + ["avg"]
     lines = [
         "# Offsite-tuning results", "",
-        f"Command: `{info['command']}`  ",
+        f"Command: `{info['command']}` (the table covers every cell in the folder: other tasks and methods "
+        "come from earlier commands with the same settings, `settings.json`)  ",
         f"Commit {info['git_commit']}; {info['date']}; {info['machine']}  ",
         f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
     ]
