@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
-from gradot.modeling import load_model
 from gradot.tasks import TASK_NAMES
 from common import git_commit, machine, write_markdown  # bench/ is on sys.path when a script runs
 
@@ -94,14 +93,9 @@ def main(argv=None):
     commit, started = git_commit(), machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    if args.model.startswith("random:"):
-        from shapes import random_llama
-        from transformers import AutoTokenizer
+    from shapes import load_bench_model
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("default")[1]
-        model = random_llama(args.model.split(":", 1)[1], dtype=dtype, device=device).eval()
-    else:
-        model, tok = load_model(args.model, dtype=dtype, device=device)
+    model, tok = load_bench_model(args.model, args.tokenizer, dtype, device)
     clock = "wall" if device == "cuda" else "cpu"  # what the ratios divide
     meter = Meter()
     for scorer in SCORERS:  # warm-up: first-call costs (imports, dataset caches) out of the timings

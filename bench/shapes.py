@@ -33,3 +33,17 @@ def random_llama(size: str, seed: int = 0, dtype: torch.dtype = torch.float32, d
     cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=True)
     with torch.device(device):
         return random_model(cfg, seed=seed, dtype=dtype)
+
+
+def load_bench_model(name: str, tokenizer: str | None = None, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu"):
+    """``(model, tokenizer)`` for a benchmark's ``--model``: ``random:<size>`` (one of ``SIZES``, with
+    ``tokenizer``'s folder or else the default model's tokenizer) or anything ``load_model`` takes."""
+    from gradot.modeling import load_model
+
+    if not name.startswith("random:"):
+        return load_model(name, dtype=dtype, device=device)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_model("default")[1]
+    return random_llama(name.split(":", 1)[1], dtype=dtype, device=device).eval(), tok

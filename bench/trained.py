@@ -73,7 +73,6 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     from gradot.methods import Calibration, get, make_config
-    from gradot.modeling import load_model
     from gradot.provenance import git_commit
     from gradot.proxy import perplexity
     from gradot.split import split_model
@@ -82,14 +81,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
-    if args.model.startswith("random:"):
-        from shapes import random_llama
-        from transformers import AutoTokenizer
+    from shapes import load_bench_model
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("default")[1]
-        model = random_llama(args.model.split(":", 1)[1], dtype=dtype, device=args.device)
-    else:
-        model, tok = load_model(args.model, dtype=dtype, device=args.device)
+    model, tok = load_bench_model(args.model, args.tokenizer, dtype, args.device)
     model.eval()
     calib = CalibrationSpec(str(default_calibration_path()), args.calib_sequences, args.calib_len, 8)
     batches = calibration_batches(tok, calib)
