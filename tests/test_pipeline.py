@@ -89,6 +89,8 @@ def test_pipeline_writes_table_json_and_png_and_resumes(tiny_model_dir, calib_fi
     info = json.loads((out / "results.json").read_text())
     assert info["config"]["tasks"] == ["arc_easy", "piqa"] and info["config"]["methods"] == ["crash", "uniform"]
     assert info["table"]["uniform: Plug-in"].keys() == {"piqa", "arc_easy", "avg"}
+    assert list(info["table"])[:9] == ["Full ZS", "Full FT", "Adapter FT", "crash: Emu ZS", "crash: Emu FT",
+                                       "crash: Plug-in", "uniform: Emu ZS", "uniform: Emu FT", "uniform: Plug-in"]
 
 
 def test_finetune_and_eval_commands(tiny_model_dir, tmp_path, capsys, monkeypatch):

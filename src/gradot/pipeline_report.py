@@ -52,8 +52,10 @@ def build_table(cells: dict[str, dict[str, dict]], tasks: list[str], methods: li
     """``{row: {task: (value, stderr)}}`` from the cells, ``pick(result)`` choosing the metric (None:
     the task has none), plus a Δ row per method and an ``avg`` column where every task has a value."""
     table: dict[str, dict[str, tuple[float, float]]] = {}
-    for row, per_task in cells.items():
-        table[row] = {t: v for t, r in per_task.items() if (v := pick(r)) is not None}
+    # Rows in the published order whatever order the cells were found in (a folder's files sort emu_ft first).
+    order = ["Full ZS", "Full FT", "Adapter FT", *(f"{m}: {r}" for m in methods for r in ("Emu ZS", "Emu FT", "Plug-in"))]
+    for row in [r for r in order if r in cells] + [r for r in cells if r not in order]:
+        table[row] = {t: v for t, r in cells[row].items() if (v := pick(r)) is not None}
     for method in methods:
         ft, pl = table.get(f"{method}: Emu FT", {}), table.get(f"{method}: Plug-in", {})
         table[f"{method}: Δ"] = {
