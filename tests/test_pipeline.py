@@ -225,3 +225,15 @@ def test_learning_rates_recorded_and_old_folders_keep_theirs(tmp_path, monkeypat
     pipe.cfg = PipelineConfig(model="m", methods=[], tasks=[], keep=0.7, out=str(tmp_path), learning_rate=3e-4)
     assert pipe._ft_config(tmp_path, "piqa").learning_rate == 3e-4
     assert pipe._ft_config(tmp_path, "piqa", full=True).learning_rate is None  # FULL_LR decides
+
+
+def test_folder_cells_reads_only_pipeline_cells(tmp_path):
+    """The report's folder scan: original rows, method rows, nothing else (a user's file, an unknown task)."""
+    from gradot.pipeline import folder_cells
+
+    for name in ("full_zs-piqa", "adapter_ft-arc_easy", "gradot-emu_ft-sciq", "scaleot-plugin-arc_easy",
+                 "notes", "gradot-emu_zs-mytask", "gradot-plot-piqa"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"acc": 0.5}))
+    got = sorted((row, task) for row, task, _ in folder_cells(tmp_path))
+    assert got == [("Adapter FT", "arc_easy"), ("Full ZS", "piqa"), ("gradot: Emu FT", "sciq"),
+                   ("scaleot: Plug-in", "arc_easy")]
