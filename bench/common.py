@@ -119,3 +119,11 @@ def build_emulator(label: str, model, split, keep: float, *, batches=None, facto
         return gradot_emulator(model, split, cfg, factors, method=method_name or name)
     calibration = Calibration(list(batches), {}) if method.needs_calibration else None
     return method.build(model, split, config, calibration)
+
+
+def gpu_sync(device: str = "cuda") -> None:
+    """Wait for queued GPU work on ``device`` (nothing on the CPU), so that a clock reads what the work took."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(device)

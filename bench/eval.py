@@ -32,7 +32,7 @@ import torch
 
 from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
 from gradot.tasks import TASK_NAMES
-from common import git_commit, machine, write_markdown  # bench/ is on sys.path when a script runs
+from common import git_commit, gpu_sync, machine, write_markdown  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
@@ -50,12 +50,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sync() -> None:
-    """Wait for queued GPU work, so that the clocks read what the scoring took."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class Meter:
     """Requests and time inside the harness LM's scoring calls (stock and fast alike)."""
 
@@ -68,12 +62,12 @@ class Meter:
 
     def _timed(self, method):
         def timed(lm, requests, *args, **kwargs):
-            sync()
+            gpu_sync()
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return method(lm, requests, *args, **kwargs)
             finally:
-                sync()
+                gpu_sync()
                 self.requests += len(requests)
                 self.wall += time.perf_counter() - wall
                 self.cpu += time.process_time() - cpu

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table_row, write_markdown  # noqa: E402
+from common import gpu_sync, table_row, write_markdown  # noqa: E402
 
 VARIANTS = {
     "distill-gradot": ("distill", {"init": "gradot"}),
@@ -60,12 +60,6 @@ def parse_args(argv=None):
     p.add_argument("--ppl-len", type=int, default=256)
     p.add_argument("--out", default="results/trained")
     return p.parse_args(argv)
-
-
-def sync(device: str) -> None:
-    """Wait for queued GPU work, so that a timer reads what the method took."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> None:
@@ -104,11 +98,11 @@ def main(argv=None) -> None:
         method = get(name)
         options = {**options, "distill_steps": args.distill_steps, "distill_batch": args.distill_batch}
         config = make_config(method.config, args.keep, options)
-        sync(args.device)
+        gpu_sync(args.device)
         start = time.perf_counter()
         emu = method.build(model, split, config, Calibration(batches, calib.describe()) if method.needs_calibration
                            else None)
-        sync(args.device)
+        gpu_sync(args.device)
         seconds = time.perf_counter() - start
         settings = emu.manifest["settings"]
         training = settings.get("training", {})
