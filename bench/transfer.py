@@ -11,7 +11,8 @@ token perplexity (privacy), compression seconds.
 
 An emulator is ``METHOD:key=value,...`` (keys: keep, allocation, lambda, calib, calib_len, refit,
 ridge, k, layer_drop: GradOT with that share of middle layers dropped whole first, kfac_tokens / kfac_bf16:
-GradOT's KFAC products over that share of the tokens / in bfloat16 (1), calib_skip: calibration from the
+GradOT's KFAC products over that share of the tokens / in bfloat16 (1), damping: GradOT's factors damped by δ·mean
+eigenvalue before scoring, calib_skip: calibration from the
 next sequences (another sample of the same size), calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
 for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
 ``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
@@ -58,7 +59,7 @@ EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int
                  # the trained methods (distill, scaleot)
                  "layer_drop": float, "distill_steps": int, "init": str,
                  # GradOT's cheaper KFAC products (issue 12): token share, bfloat16 (1)
-                 "kfac_tokens": float, "kfac_bf16": int,
+                 "kfac_tokens": float, "kfac_bf16": int, "damping": float,
                  # another calibration sample of the same size: skip this many WikiText sequences first
                  "calib_skip": int}
 EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
@@ -208,6 +209,7 @@ class Bench:
 
             options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"],
                        **({"layer_drop": spec["layer_drop"]} if "layer_drop" in spec else {}),
+                       **({"damping": spec["damping"]} if "damping" in spec else {}),
                        **({"kfac_tokens": spec["kfac_tokens"]} if "kfac_tokens" in spec else {}),
                        **({"kfac_bf16": bool(spec["kfac_bf16"])} if "kfac_bf16" in spec else {})}
             method_options = make_config(get(method).config, spec["keep"], options)

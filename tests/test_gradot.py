@@ -215,3 +215,31 @@ def test_layer_drop_hybrid_drops_otdagger_layers_then_fits_the_budget_inside_the
                                                ).manifest["settings"]  # off: the manifest as before
     with pytest.raises(MethodConfigError, match="fewer than the budget"):  # two layers cannot hold 0.7
         gradot_emulator(model, split, GradOTConfig(keep=0.7, allocation=allocation, layer_drop=0.5), f)
+
+
+def test_damping_changes_the_scores_as_damped_factors_do_and_is_recorded():
+    from gradot.errors import MethodConfigError
+    from gradot.methods.gradot import GradOTOptions
+    from gradot.stats.kfac import damped
+
+    model = wide_model()
+    split = split_model(model, 2)
+    f = factors_for(model, split)
+    cfg = GradOTConfig(keep=0.4, allocation="global", damping=10.0)
+    direct = score_middle(model, split, f, cfg)
+    by_hand = score_middle(model, split, damped(f, 10.0), GradOTConfig(keep=0.4, allocation="global"))
+    plain = score_middle(model, split, f, GradOTConfig(keep=0.4, allocation="global"))
+    for a, b, c in zip(direct, by_hand, plain):
+        torch.testing.assert_close(a.mlp.cost, b.mlp.cost)
+        torch.testing.assert_close(a.attn[0].cost, b.attn[0].cost)
+        assert not torch.allclose(a.mlp.cost, c.mlp.cost)  # the damping reached the scores
+    emu = gradot_emulator(model, split, cfg, f)
+    assert emu.manifest["settings"]["damping"] == 10.0
+    assert abs(emu.manifest["size"]["keep_achieved"] - 0.4) <= 0.01 * 0.4
+    assert "damping" not in gradot_emulator(model, split, GradOTConfig(keep=0.4, allocation="global"), f
+                                            ).manifest["settings"]
+    with pytest.raises(ValueError, match="damping"):
+        GradOTConfig(keep=0.4, damping=-1.0)
+    with pytest.raises(MethodConfigError, match="--damping"):
+        GradOTOptions(keep=0.4, damping=-1.0)
+    assert GradOTOptions(keep=0.4, damping=0.3).engine().damping == 0.3

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from gradot.stats.kfac import KFACFactors, collect_kfac, forward_backward_floor
+from gradot.stats.kfac import KFACFactors, collect_kfac, damped, forward_backward_floor
 
 PAD = 0
 
@@ -340,3 +340,22 @@ def test_token_fraction_averages_the_sample(llama, fraction):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="token_fraction"):
             collect_kfac(llama, modules, batches, progress=False, token_fraction=bad)
+
+
+def test_damped_adds_delta_times_mean_eigenvalue_and_keeps_sharing(llama):
+    fac = collect_kfac(llama, _llama_modules(llama), _batches(), progress=False)
+    before = {n: (f.A.clone(), f.G.clone()) for n, f in fac.items()}
+    out = damped(fac, 0.5)
+    for n, f in out.items():
+        A, G = before[n]
+        torch.testing.assert_close(f.A, A + 0.5 * A.diagonal().mean() * torch.eye(A.shape[0]))
+        torch.testing.assert_close(f.G, G + 0.5 * G.diagonal().mean() * torch.eye(G.shape[0]))
+        assert f.grad is fac[n].grad and f.n_tokens == fac[n].n_tokens
+        torch.testing.assert_close(fac[n].A, A, rtol=0, atol=0)  # the inputs are untouched
+    p = "model.layers.0."
+    assert out[p + "self_attn.q_proj"].A is out[p + "self_attn.k_proj"].A  # shared stays shared
+    assert out[p + "mlp.gate_proj"].A is out[p + "mlp.up_proj"].A
+    assert all(damped(fac, 0.0)[n] is fac[n] for n in fac)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping"):
+            damped(fac, bad)

@@ -188,7 +188,7 @@ def test_cached_cell_settings_keys_unchanged():
     from gradot.methods import distill, scaleot
 
     trained = {f.name for cls in (distill.DistillConfig, scaleot.ScaleOTConfig) for f in config_fields(cls)}
-    later = trained | {"layer_drop", "kfac_tokens", "kfac_bf16"}  # added since; at their defaults older cells stay valid
+    later = trained | {"layer_drop", "kfac_tokens", "kfac_bf16", "damping"}  # added since; at their defaults older cells stay valid
     assert set(compress_option_names()) - later == {
         "adapter_layers", "calib", "calib_sequences", "calib_len", "batch_size", "lambda_attn", "lambda_mlp",
         "allocation", "top_frac", "gradient_checkpointing", "auto_lambda", "layers_per_pass"}

@@ -43,10 +43,11 @@ batch unless a progress bar is shown.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -58,7 +59,7 @@ from ..freezing import requiring_grad
 from ..registry import ArchSpec, arch_of, linear_shape
 
 
-__all__ = ["KFACFactors", "collect_kfac", "forward_backward_floor"]
+__all__ = ["KFACFactors", "collect_kfac", "damped", "forward_backward_floor"]
 
 
 @dataclass
@@ -81,6 +82,30 @@ class KFACFactors:
     grad: Tensor | None
     n_tokens: int
     n_loss_tokens: int
+
+
+def _damp(M: Tensor, delta: float) -> Tensor:
+    """``M + delta * mean(diag M) * I``: damping relative to the factor's own scale, so one ``delta``
+    means the same in every layer (the factors' magnitudes differ by orders between layers)."""
+    return M + (delta * float(M.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
+def damped(factors: Mapping[str, KFACFactors], delta: float) -> dict[str, KFACFactors]:
+    """Tikhonov-damped copies of ``factors`` (``A`` and ``G`` each plus ``delta`` times its mean
+    eigenvalue; ``grad`` untouched). A tensor shared by several linears (q/k/v's ``A``) is damped once
+    and stays shared. ``delta == 0`` returns the factors themselves. Pure: the inputs are not changed."""
+    if delta < 0 or not math.isfinite(delta):
+        raise ValueError(f"damping must be a finite number >= 0, got {delta}")
+    if delta == 0:
+        return dict(factors)
+    done: dict[int, Tensor] = {}
+
+    def once(M: Tensor) -> Tensor:
+        if id(M) not in done:
+            done[id(M)] = _damp(M, delta)
+        return done[id(M)]
+
+    return {name: replace(f, A=once(f.A), G=once(f.G)) for name, f in factors.items()}
 
 
 # --------------------------------------------------------------------------------------------

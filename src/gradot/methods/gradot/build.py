@@ -81,4 +81,6 @@ def gradot_emulator(model: nn.Module, split: Split, cfg: GradOTConfig, factors: 
     plan.dropped = sorted(plan.dropped + dropped)
     if cfg.layer_drop:
         settings = {**(settings or {}), "layer_drop": cfg.layer_drop}
+    if cfg.damping:  # recorded only when set: emulators built without it keep their settings
+        settings = {**(settings or {}), "damping": cfg.damping}
     return build_from_plan(model, split, scores, plan, method=method, cfg=cfg, settings=settings or {})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,10 +23,13 @@ class GradOTConfig:
     selection: str = "gcs"  # gcs (GradOT) | svd (singular values + weight norm) | wanda (svd + activation-aware)
     top_frac: float = 0.05  # share of components kept by singular value unconditionally
     layer_drop: float = 0.0  # share of middle layers dropped whole (evenly spaced) before the allocation
+    damping: float = 0.0  # KFAC factors scored as A + δ·mean(diag A)·I, G + δ·mean(diag G)·I
 
     def __post_init__(self):
         if not 0.0 <= self.layer_drop < 1.0:
             raise ValueError(f"layer_drop must be in [0, 1), got {self.layer_drop}")
+        if not (self.damping >= 0.0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.selection not in SELECTIONS:
@@ -51,6 +55,9 @@ class GradOTOptions(MethodConfig):
     layer_drop: float = option(
         0.0, "hybrid with OT†: drop this share of the middle layers whole, evenly spaced as OT† chooses them "
         "(the first and last middle layers stay), then allocate the budget by curvature inside the rest")
+    damping: float = option(
+        0.0, "Tikhonov damping of the KFAC factors before scoring: A + δ·mean(diag A)·I and G + δ·mean(diag G)·I "
+        "(0 = none; a large δ moves the curvature cost toward plain weight magnitude; docs/transfer.md measures it)")
     kfac_tokens: float = option(
         1.0, "share of each calibration batch's tokens whose x xᵀ and g gᵀ products enter the KFAC factors (a "
         "seeded random sample; 1 = every token, exact); the pass is unchanged, the products cost about this share "
@@ -67,6 +74,8 @@ class GradOTOptions(MethodConfig):
     def __post_init__(self):
         if not 0.0 <= self.layer_drop < 1.0:
             raise MethodConfigError(f"--layer-drop must be in [0, 1), got {self.layer_drop}")
+        if not (self.damping >= 0.0 and math.isfinite(self.damping)):
+            raise MethodConfigError(f"--damping must be a finite number >= 0, got {self.damping}")
         if not 0.0 < self.kfac_tokens <= 1.0:
             raise MethodConfigError(f"--kfac-tokens must be in (0, 1], got {self.kfac_tokens}")
         if self.layer_drop and self.allocation == "global-layers":
@@ -80,7 +89,7 @@ class GradOTOptions(MethodConfig):
         """The scoring, allocation and surgery settings."""
         return GradOTConfig(keep=self.keep, lambda_attn=self.lambda_attn, lambda_mlp=self.lambda_mlp,
                             allocation=self.allocation, selection=self.selection, top_frac=self.top_frac,
-                            layer_drop=self.layer_drop)
+                            layer_drop=self.layer_drop, damping=self.damping)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch import nn
 from ...offload import onloaded
 from ...registry import ArchSpec, arch_of, decoder_layers, get_module, linear_shape, weight_out_in
 from ...split import Split
+from ...stats.kfac import damped
 from .config import GradOTConfig
 from .scores import (
     DRDScores,
@@ -161,10 +162,13 @@ def score_middle(model: nn.Module, split: Split, factors: dict | None, cfg: Grad
     """Scores of every unit of every middle layer (or of the middle layers ``layers`` only).
     ``factors`` are KFAC factors keyed by ``<layers>.<index>.<linear>`` (None for the svd ablation,
     which needs none). A whole layer's removal cost (a materialised ``G W A`` product per output
-    linear) is only computed for the ``global-layers`` allocation, its one consumer."""
+    linear) is only computed for the ``global-layers`` allocation, its one consumer. ``cfg.damping``
+    damps the factors (``kfac.damped``) before anything is scored."""
     arch = arch_of(model)
     indices = split.middle if layers is None else list(layers)
     decoder = decoder_layers(model)
+    if factors is not None and cfg.damping:
+        factors = damped(factors, cfg.damping)
     out = []
     for i in indices:
         layer = decoder[i]
