@@ -12,6 +12,10 @@ is not always monotone in keep, so the best segment reaching that privacy counts
 GradOT's measured range is reported as not covered, never extrapolated. The ± of a
 difference combines the point's standard error with the larger of the two neighbours'.
 
+Across tasks (``mean_curves``): each method's curve averaged over the folder's tasks, at the keeps
+measured on every one of them, compared the same way (a task is a sample of what a data owner may
+bring, and single tasks disagree: docs/transfer.md, sixth round).
+
 Accuracy frontier (optional ``--pipelines``: pipeline output folders): per method, task and keep,
 Emu ZS (privacy) against Plug-in and the transfer ratio.
 
@@ -32,6 +36,7 @@ from common import git_commit  # bench/ is on sys.path when a script runs
 from transfer import EMULATOR_DEFAULTS, RECIPE_DEFAULTS, RECIPE_KEYS, mean, parse_spec, slug
 
 REFERENCE = "gradot"
+MEAN_TASK = "mean"  # the across-task curves' task label (``mean_curves``)
 PRIVACY = {"ppl": "emulator perplexity (WikiText-2 test, log scale)", "loss": "emulator held-out answer loss"}
 
 
@@ -68,6 +73,29 @@ def loss_points(folder: Path, recipe: dict, methods: list[str]) -> dict[tuple[st
     for points in curves.values():
         points.sort(key=lambda q: q["keep"])
     return curves
+
+
+def mean_curves(curves: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[dict]]:
+    """Each method's curve averaged over the tasks: ``(MEAN_TASK, method)`` -> the keeps measured on
+    *every* task of the folder (a keep missing on one task is left out, never filled in). Privacy is the
+    emulator's (the same on every task: perplexity) or the mean held-out loss; transfer is the mean of
+    the tasks' loss transfers, its ± their standard errors combined (measurement only: the tasks are
+    not a sample). Empty with fewer than two tasks."""
+    tasks = sorted({t for t, _ in curves})
+    if len(tasks) < 2:
+        return {}
+    out = {}
+    for method in sorted({m for _, m in curves}):
+        per_task = [{q["keep"]: q for q in curves.get((t, method), [])} for t in tasks]
+        points = []
+        for keep in sorted(set.intersection(*(set(d) for d in per_task))):
+            qs = [d[keep] for d in per_task]
+            points.append({"keep": keep, "keep_achieved": qs[0]["keep_achieved"], "ppl": qs[0]["ppl"],
+                           "loss": mean([q["loss"] for q in qs]), "transfer": mean([q["transfer"] for q in qs]),
+                           "se": math.sqrt(sum(q["se"] ** 2 for q in qs)) / len(qs)})
+        if points:
+            out[(f"{MEAN_TASK} ({', '.join(tasks)})", method)] = points
+    return out
 
 
 def _x(point: dict, axis: str) -> float:
@@ -162,6 +190,7 @@ def main(argv=None) -> None:
     curves = loss_points(Path(args.transfer_dir) / "cells", recipe, methods)
     if not curves:
         raise SystemExit(f"no cell of recipe {args.recipe!r} in {args.transfer_dir}/cells")
+    curves.update(mean_curves(curves))  # the across-task curves are compared like a task's
     dom, acc = dominance(curves), accuracy_points(args.pipelines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -186,3 +186,28 @@ def test_frontier_curves_are_per_method_and_allocation_and_skip_levers(monkeypat
     assert sorted(curves) == [("arc_easy", "gradot"), ("arc_easy", "gradot global-layers"), ("arc_easy", "uniform")]
     assert curves["arc_easy", "gradot global-layers"][0]["transfer"] == pytest.approx(0.6)
     assert curves["arc_easy", "gradot global-layers"][0]["ppl"] == 91.0
+
+
+def test_frontier_mean_curve_uses_only_keeps_measured_on_every_task(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier
+
+    def pt(keep, ppl, loss, transfer, se=0.03):
+        return {"keep": keep, "keep_achieved": keep, "ppl": ppl, "loss": loss, "transfer": transfer, "se": se}
+
+    curves = {("a", "gradot"): [pt(0.45, 490, 9.0, 0.5), pt(0.7, 91, 6.0, 0.8)],
+              ("b", "gradot"): [pt(0.45, 490, 8.0, 0.4), pt(0.7, 91, 5.0, 0.9), pt(0.85, 47, 4.0, 1.0)],
+              ("a", "uniform"): [pt(0.85, 451, 8.5, 0.8)], ("b", "uniform"): [pt(0.85, 451, 7.5, 0.3)]}
+    means = frontier.mean_curves(curves)
+    assert sorted(means) == [("mean (a, b)", "gradot"), ("mean (a, b)", "uniform")]
+    g = means["mean (a, b)", "gradot"]
+    assert [q["keep"] for q in g] == [0.45, 0.7]  # 0.85 was measured on one task only: left out
+    assert g[1]["transfer"] == pytest.approx(0.85) and g[1]["loss"] == pytest.approx(5.5) and g[1]["ppl"] == 91
+    assert g[0]["se"] == pytest.approx(math.hypot(0.03, 0.03) / 2)
+    assert means["mean (a, b)", "uniform"][0]["transfer"] == pytest.approx(0.55)
+    assert frontier.mean_curves({("a", "gradot"): curves["a", "gradot"]}) == {}
+    rows = frontier.dominance({**curves, **means})
+    mean_row = next(r for r in rows if r["task"] == "mean (a, b)")
+    assert mean_row["gradot_at_ppl"] is not None  # compared like a task's curve
