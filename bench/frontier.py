@@ -36,6 +36,8 @@ from common import git_commit  # bench/ is on sys.path when a script runs
 from transfer import EMULATOR_DEFAULTS, RECIPE_DEFAULTS, RECIPE_KEYS, mean, parse_spec, slug
 
 REFERENCE = "gradot"
+COLORS = {"gradot": "tab:orange", "uniform": "tab:red", "crash": "tab:blue", "gradot global-layers": "tab:green",
+          "svd": "tab:purple", "wanda": "tab:brown"}  # one colour per method in every panel
 MEAN_TASK = "mean"  # the across-task curves' task label (``mean_curves``)
 PRIVACY = {"ppl": "emulator perplexity (WikiText-2 test, log scale)", "loss": "emulator held-out answer loss"}
 
@@ -164,7 +166,8 @@ def plot(curves: dict, path: Path) -> None:
                 continue
             for ax, axis in zip(row, PRIVACY):
                 ax.errorbar([q[axis] for q in pts], [q["transfer"] for q in pts], yerr=[q["se"] for q in pts],
-                            marker="o", capsize=2, label="OT† (uniform)" if method == "uniform" else method)
+                            marker="o", capsize=2, label="OT† (uniform)" if method == "uniform" else method,
+                            color=COLORS.get(method))
                 for q in pts:
                     ax.annotate(f"{q['keep']:g}", (q[axis], q["transfer"]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
