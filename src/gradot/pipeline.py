@@ -25,7 +25,7 @@ from .finetune import (FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finet
                        task_records)
 from .lmeval_tasks import evaluate
 from .methods import compress, runtime_options
-from .pipeline_report import write_report
+from .pipeline_report import METHOD_ROWS, ORIGINAL_ROWS, write_report
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import TASK_NAMES, load_task
@@ -33,7 +33,6 @@ from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-ROWS = ("Full ZS", "Full FT", "Adapter FT", "Emu ZS", "Emu FT", "Plug-in", "Δ")
 
 #: The output folder's record of the settings its cells were computed with.
 SETTINGS_FILE = "settings.json"
@@ -341,13 +340,10 @@ class Pipeline:
         return write_report(self.out, replace(self.cfg, tasks=tasks, methods=methods), cells)
 
 
-#: Cell file names: ``full_zs-TASK`` (rows of the original) and ``METHOD-emu_zs-TASK`` (a method's rows).
-ORIGINAL_ROWS = {"full_zs": "Full ZS", "full_ft": "Full FT", "adapter_ft": "Adapter FT"}
-METHOD_ROWS = {"emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plugin": "Plug-in"}
-
-
 def folder_cells(cells_dir: Path):
-    """``(row, task, cell)`` for every cell file in a pipeline folder (names as ``Pipeline.run`` writes them)."""
+    """``(row, task, cell)`` for every cell file in a pipeline folder (names as ``Pipeline.run`` writes them:
+    ``full_zs-TASK`` for the original's rows, ``METHOD-emu_zs-TASK`` for a method's; ``ORIGINAL_ROWS``,
+    ``METHOD_ROWS``)."""
     for path in sorted(cells_dir.glob("*.json")):
         parts = path.stem.split("-")
         if len(parts) == 2 and parts[0] in ORIGINAL_ROWS:

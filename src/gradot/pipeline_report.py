@@ -48,12 +48,17 @@ def write_report(out: Path, cfg, cells: dict[str, dict[str, dict]]) -> dict:
     return info
 
 
+#: Row names by cell-file key, in the published order: the original's rows, then each method's.
+ORIGINAL_ROWS = {"full_zs": "Full ZS", "full_ft": "Full FT", "adapter_ft": "Adapter FT"}
+METHOD_ROWS = {"emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plugin": "Plug-in"}
+
+
 def build_table(cells: dict[str, dict[str, dict]], tasks: list[str], methods: list[str], pick) -> dict:
     """``{row: {task: (value, stderr)}}`` from the cells, ``pick(result)`` choosing the metric (None:
     the task has none), plus a Δ row per method and an ``avg`` column where every task has a value."""
     table: dict[str, dict[str, tuple[float, float]]] = {}
     # Rows in the published order whatever order the cells were found in (a folder's files sort emu_ft first).
-    order = ["Full ZS", "Full FT", "Adapter FT", *(f"{m}: {r}" for m in methods for r in ("Emu ZS", "Emu FT", "Plug-in"))]
+    order = [*ORIGINAL_ROWS.values(), *(f"{m}: {r}" for m in methods for r in METHOD_ROWS.values())]
     for row in [r for r in order if r in cells] + [r for r in cells if r not in order]:
         table[row] = {t: v for t, r in cells[row].items() if (v := pick(r)) is not None}
     for method in methods:
