@@ -208,9 +208,8 @@ class Bench:
             from gradot.stats.kfac import collect_kfac
 
             options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"],
-                       **({"layer_drop": spec["layer_drop"]} if "layer_drop" in spec else {}),
-                       **({"damping": spec["damping"]} if "damping" in spec else {}),
-                       **({"kfac_tokens": spec["kfac_tokens"]} if "kfac_tokens" in spec else {}),
+                       # keys without a bench default: passed only when a spec names them
+                       **{k: spec[k] for k in ("layer_drop", "damping", "kfac_tokens") if k in spec},
                        **({"kfac_bf16": bool(spec["kfac_bf16"])} if "kfac_bf16" in spec else {})}
             method_options = make_config(get(method).config, spec["keep"], options)
             cfg = method_options.engine()
