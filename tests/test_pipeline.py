@@ -237,3 +237,33 @@ def test_folder_cells_reads_only_pipeline_cells(tmp_path):
     got = sorted((row, task) for row, task, _ in folder_cells(tmp_path))
     assert got == [("Adapter FT", "arc_easy"), ("Full ZS", "piqa"), ("gradot: Emu FT", "sciq"),
                    ("scaleot: Plug-in", "arc_easy")]
+
+
+def test_bench_table_takes_each_task_whole_from_the_first_folder_holding_it(tmp_path, monkeypatch, capsys):
+    """bench/table.py: one table over several folders; a task a later folder also holds is not mixed in."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import table
+
+    def cells(folder, acc, **tasks):
+        (folder / "cells").mkdir(parents=True)
+        for task, rows in tasks.items():
+            for row in rows:
+                (folder / "cells" / f"{row}-{task}.json").write_text(
+                    json.dumps({"acc": acc[row], "acc_stderr": 0.01, "n": 100}))
+
+    acc = {"full_zs": 0.5, "adapter_ft": 0.7, "gradot-plugin": 0.6}
+    rows = list(acc)
+    cells(tmp_path / "a", acc, race=rows)
+    cells(tmp_path / "b", {r: v + 0.2 for r, v in acc.items()}, race=rows, piqa=rows)
+    table.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    info = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "race already taken" in capsys.readouterr().out
+    assert list(info["sources"]) == ["piqa", "race"]  # the CLI's task order, not the folders'
+    assert info["sources"]["race"]["folder"].endswith("a") and info["table"]["Full ZS"]["race"][0] == 0.5
+    assert info["transfer"]["gradot"]["race"][0] == pytest.approx(0.5)
+    assert info["transfer"]["gradot"]["avg"][0] == pytest.approx(0.5)  # (0.1 + 0.1) / (0.2 + 0.2)
+    assert "race from" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="not a pipeline folder"):
+        table.main([str(tmp_path), "--out", str(tmp_path / "out")])

@@ -27,25 +27,33 @@ def _metric(result: dict[str, float]) -> tuple[str, float, float]:
 def write_report(out: Path, cfg, cells: dict[str, dict[str, dict]]) -> dict:
     """``results.json``, ``results.md`` and ``results.png`` in ``out`` from the cells of a run with
     ``cfg`` (a ``pipeline.PipelineConfig``); the JSON's content."""
-    table = build_table(cells, cfg.tasks, cfg.methods, lambda r: _metric(r)[1:])
-    norm = build_table(cells, cfg.tasks, cfg.methods,
-                       lambda r: (r["acc_norm"], r.get("acc_norm_stderr", float("nan"))) if "acc_norm" in r else None)
     info = {
         "command": cfg.command,
         "git_commit": git_commit(mark_uncommitted=False),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "config": asdict(cfg),
-        "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
-        "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
-        "table_acc_norm": {r: {t: list(v) for t, v in row.items()} for r, row in norm.items() if row},
-        "transfer": {m: {t: list(v) for t, v in row.items()} for m, row in transfer_table(table, cfg.tasks, cfg.methods).items()},
+        **tables(cells, cfg.tasks, cfg.methods),
         "cells": cells,
     }
     (out / "results.json").write_text(json.dumps(info, indent=1))
     (out / "results.md").write_text(markdown_table(info, cfg.tasks))
-    plot(table, cfg, out / "results.png", transfer=info["transfer"])
+    plot(info["table"], cfg, out / "results.png", transfer=info["transfer"])
     return info
+
+
+def tables(cells: dict[str, dict[str, dict]], tasks: list[str], methods: list[str]) -> dict:
+    """The report's figures from the cells, JSON-ready: ``metric``, ``table`` (accuracy or exact match
+    ± standard error, Δ rows, ``avg``), ``table_acc_norm`` and ``transfer``."""
+    table = build_table(cells, tasks, methods, lambda r: _metric(r)[1:])
+    norm = build_table(cells, tasks, methods,
+                       lambda r: (r["acc_norm"], r.get("acc_norm_stderr", float("nan"))) if "acc_norm" in r else None)
+    return {
+        "metric": "acc (multiple choice), exact_match (webquestions); ± is the standard error",
+        "table": {r: {t: list(v) for t, v in row.items()} for r, row in table.items()},
+        "table_acc_norm": {r: {t: list(v) for t, v in row.items()} for r, row in norm.items() if row},
+        "transfer": {m: {t: list(v) for t, v in row.items()} for m, row in transfer_table(table, tasks, methods).items()},
+    }
 
 
 #: Row names by cell-file key, in the published order: the original's rows, then each method's.
@@ -89,12 +97,16 @@ def transfer_table(table: dict, tasks: list[str], methods: list[str]) -> dict:
     return {m: row for m, row in out.items() if row}
 
 
-def markdown_table(info: dict, tasks: list[str]) -> str:
+FOLDER_NOTE = ("the table covers every cell in the folder: other tasks and methods come from earlier commands "
+               "with the same settings, `settings.json`")
+
+
+def markdown_table(info: dict, tasks: list[str], note: str = FOLDER_NOTE) -> str:
+    """``results.md``'s text; ``note`` says where the cells come from (one folder unless told)."""
     cols = tasks + ["avg"]
     lines = [
         "# Offsite-tuning results", "",
-        f"Command: `{info['command']}` (the table covers every cell in the folder: other tasks and methods "
-        "come from earlier commands with the same settings, `settings.json`)  ",
+        f"Command: `{info['command']}` ({note})  ",
         f"Commit {info['git_commit']}; {info['date']}; {info['machine']}  ",
         f"Metric: {info['metric']}. Δ = Plug-in − Emu FT.", "",
     ]
