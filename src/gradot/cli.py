@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import __version__
+from .cli_audit import add_audit
 from .cli_data import add_commands
 from .cli_options import (  # noqa: F401  (resolve_device re-exported)
     add_calibration,
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
 
     add_commands(sub)  # the data owner's commands and the pipeline
+    add_audit(sub, add_model)  # the model owner's healing audit
     return parser
 
 

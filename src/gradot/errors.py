@@ -81,3 +81,7 @@ class TaskDataError(GradotError):
 
 class UsageError(GradotError):
     """Bad command-line input (reported as one line, exit code 2)."""
+
+
+class HealError(GradotError):
+    """A healing attack or audit was asked for something it cannot do (settings, text, folders)."""
