@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--recipe", default="steps=30,lr=3e-4", help="the data owner's recipe the curves use")
     p.add_argument("--methods", default="uniform,crash,svd,wanda,gradot")
     p.add_argument("--pipelines", nargs="*", default=[], help="pipeline output folders (accuracy points)")
+    p.add_argument("--heal", help="bench/heal.py output folder: the accuracy points against what healing leaves")
+    p.add_argument("--heal-tasks", default="arc_easy,sciq,webquestions",
+                   help="tasks whose accuracy transfer is averaged for the healing panel (a point needs all)")
     p.add_argument("--out", default="results/frontier")
     return p.parse_args(argv)
 
@@ -152,6 +155,79 @@ def accuracy_points(folders: list[str]) -> list[dict]:
     return rows
 
 
+def healing_points(heal_dir: Path, acc: list[dict], tasks: list[str]) -> list[dict]:
+    """Per healed emulator (method, keep; calibration samples averaged) and budget: the shares of the
+    random-middle reference's gap that healing left (``gradot.audit.gaps``), beside the emulator's mean
+    accuracy transfer over the pipeline tasks (same method and keep). Needs ``heal.json``
+    (``bench/heal.py --report-only``)."""
+    report = json.loads((heal_dir / "heal.json").read_text())
+    per_task: dict[tuple[str, float], dict[str, list[list[float]]]] = {}
+    for r in acc:  # several folders (calibration samples) of one method, keep and task are averaged first
+        per_task.setdefault((r["method"], r["keep"]), {}).setdefault(r["task"], []).append(r["transfer"])
+    transfer = {key: [[mean([v[0] for v in by[t]]), math.sqrt(sum(v[1] ** 2 for v in by[t])) / len(by[t])]
+                      for t in tasks] for key, by in per_task.items() if all(t in by for t in tasks)}
+    groups: dict[tuple[str, float, int], list[dict]] = {}
+    for label, rows in report["rows"].items():
+        emulator = report["cells"].get(label, {}).get("emulator")
+        if not emulator or label.startswith("sweep-"):
+            continue
+        for row in rows:
+            groups.setdefault((emulator["method"], emulator["keep_requested"], row["tokens"]), []).append(row)
+    out = []
+    for (method, keep, tokens), rows in sorted(groups.items()):
+        ratios = transfer.get((method, keep), [])
+        point = {"method": method, "keep": keep, "tokens": tokens, "samples": len(rows),
+                 "transfer": [mean([t[0] for t in ratios]), math.sqrt(sum(t[1] ** 2 for t in ratios)) / len(ratios)]
+                 if ratios else None}
+        for key in ("ppl_protected", "acc_protected", "ppl_gap"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            point[key] = mean(values) if values else None
+        out.append(point)
+    return out
+
+
+def plot_healing(points: list[dict], path: Path) -> None:
+    """Accuracy transfer against the share of the gap left after healing, one panel per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({p["tokens"] for p in points if p["transfer"] and p["ppl_protected"] is not None})
+    if not budgets:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 4), squeeze=False, sharey=True)
+    for ax, tokens in zip(axes[0], budgets):
+        for p in points:
+            if p["tokens"] == tokens and p["transfer"] and p["ppl_protected"] is not None:
+                ax.errorbar(p["ppl_protected"], p["transfer"][0], yerr=p["transfer"][1], marker="o", capsize=2,
+                            color=COLORS.get(p["method"]))
+                ax.annotate(f"{'OT†' if p['method'] == 'uniform' else p['method']} {p['keep']:g}",
+                            (p["ppl_protected"], p["transfer"][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"after {tokens:,} attack tokens", fontsize=9)
+        ax.set_xlabel("share of the gap left (log-ppl; 1 = shipped middle gave nothing)", fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0][0].set_ylabel("accuracy transfer (mean over pipeline tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def healing_lines(points: list[dict], heal_dir: str, tasks: str) -> list[str]:
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["", "## Transfer against what healing leaves", "",
+             f"Healing cells from `{heal_dir}` (bench/heal.py); transfer: mean accuracy transfer over {tasks} in the "
+             "pipeline folders for the same method and keep (n/a: a task is missing). Protected: the share of the random-middle reference's "
+             "gap to the original left after healing at that budget (1 = the shipped middle gave nothing).", "",
+             "| method | keep | attack tokens | calib samples | ppl protected | acc protected | transfer |",
+             "|---|---|---|---|---|---|---|"]
+    for p in points:
+        t = "n/a" if not p["transfer"] else f"{p['transfer'][0]:.2f} ± {p['transfer'][1]:.2f}"
+        lines.append(f"| {p['method']} | {p['keep']:g} | {p['tokens']:,} | {p['samples']} | {fmt(p['ppl_protected'])} "
+                     f"| {fmt(p['acc_protected'])} | {t} |")
+    return lines + ["", "![transfer against what healing leaves](frontier-healing.png)"]
+
+
 def plot(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -223,10 +299,15 @@ def main(argv=None) -> None:
                   f"{r['full_zs'][0] * 100:.1f} | {r['transfer'][0]:.2f} ± {r['transfer'][1]:.2f} |" for r in acc]
     plot(curves, out / "frontier.png")
     lines += ["", "![loss transfer against privacy](frontier.png)"]
+    healed = healing_points(Path(args.heal), acc, args.heal_tasks.split(",")) if args.heal else []
+    if healed:
+        plot_healing(healed, out / "frontier-healing.png")
+        lines += healing_lines(healed, args.heal, args.heal_tasks)
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     points = [{"task": t, "method": m, **q} for (t, m), pts in sorted(curves.items()) for q in pts]
     (out / "frontier.json").write_text(json.dumps({"command": command, "git_commit": git_commit(), "recipe": recipe,
-                                                   "loss_points": points, "dominance": dom, "accuracy": acc},
+                                                   "loss_points": points, "dominance": dom, "accuracy": acc,
+                                                   "healing": healed},
                                                   indent=1))
     print("\n".join(lines))
 
