@@ -79,3 +79,15 @@ def test_docs_speak_of_the_project_only():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "session" in line.lower()]
     assert not hits, f"'session' in the docs (say round or run): {hits}"
+
+
+def test_readme_is_short_and_its_prose_lines_are_readable():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines: put depth in docs/"
+    long, fenced = [], False
+    for i, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and not line.startswith("|") and len(line) > 120:
+            long.append(i)
+    assert not long, f"README.md prose lines over 120 characters: {long}"
