@@ -11,7 +11,7 @@
     on each of those rows and on N held-back rows of the same split gives an AUC of ``-loss`` as a
     membership score (0.5: nothing leaks). The original model's AUC on the same rows is the reference.
 
-    OMP_NUM_THREADS=1 python bench/attack.py --budgets 1024,4096 --zs-limit 40 --mi-rows 64 --mi-epochs 1,4 \
+    OMP_NUM_THREADS=1 python bench/attack.py --keep 0.4 --budgets 1024,4096 --zs-limit 40 --mi-rows 64 --mi-epochs 1,4 \
         --out results/attack
 """
 
@@ -38,18 +38,22 @@ from gradot.modeling import load_model
 from gradot.proxy import perplexity
 from gradot.split import split_model
 from gradot.tasks import load_task, resolve_data_dir
+from gradot.methods import DEFAULT_KEEP
 from common import build_emulator, git_commit  # bench/ is on sys.path when a script runs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters kept (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--methods", default="uniform,svd", help="uniform and/or svd (calibration-free)")
     p.add_argument("--budgets", default="1024,4096,16384", help="attack tokens, cumulative checkpoints")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="the attacker's learning rate for the whole emulator on public text (not the data owner's "
+                        "adapter rate: membership inference trains the adapter at the library's TASK_LR)")
     p.add_argument("--ppl-sequences", type=int, default=4)
     p.add_argument("--ppl-len", type=int, default=512)
     p.add_argument("--zs-task", default="piqa")

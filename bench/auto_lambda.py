@@ -5,7 +5,7 @@ Same model, KFAC factors and grid for both, run round robin ``--repeats`` times;
 evaluation that auto-λ adds per λ is timed once beside them (it does not depend on the scoring).
 Both sweeps must give the same emulators (same slots per λ), which the script checks.
 
-    python bench/auto_lambda.py --out results/auto-lambda
+    python bench/auto_lambda.py --keep 0.4 --out results/auto-lambda
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients
 from gradot.split import split_model
+from gradot.methods import DEFAULT_KEEP
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters kept (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--allocation", default="global")
     p.add_argument("--calib-sequences", type=int, default=8)
     p.add_argument("--calib-len", type=int, default=128)

@@ -16,7 +16,7 @@ from configs (no download): ``135m`` (SmolLM2-135M's shape), ``360m`` (SmolLM2-3
 (Llama-3.2-1B's; about 5 GB of float32 weights plus 1 GB of KFAC factors per middle layer: use
 ``--layers-per-pass``), ``tiny`` (for smoke tests).
 
-    python bench/compress.py --threads 1 --out results/compress                  # default, 135m, 360m
+    python bench/compress.py --keep 0.4 --threads 1 --out results/compress                  # default, 135m, 360m
     python bench/compress.py --sizes 1b --device cuda --dtype bfloat16 --layers-per-pass 4
 """
 
@@ -43,6 +43,7 @@ from gradot.methods.gradot import collect_and_score, gradot_emulator, middle_lin
 from gradot.stats.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
 from gradot.split import split_model
+from gradot.methods import DEFAULT_KEEP
 from common import PeakRSS, build_emulator, git_commit, machine, write_markdown  # bench/ is on sys.path
 from shapes import SIZES, random_llama  # bench/shapes.py (the script's folder is on sys.path)
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=METHODS,
                    help="comma-separated: uniform, crash, svd, gradot-<allocation>[/lppN][/ckpt] (GradOT with N "
                         "layers' statistics per pass, with gradient checkpointing)")
-    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters kept (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--calib-sequences", type=int, default=8)
     p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--calib-batch", type=int, default=4)

@@ -22,8 +22,8 @@ size after imports (so it counts model, gradients, optimizer state and activatio
 ``torch.cuda.max_memory_allocated``. One extra step afterwards counts the matmul FLOPs of a step
 and the share of the LM head (a 49k vocabulary is a large part of a 135M model).
 
-    python bench/finetune.py --threads 1 --out results/finetune
-    python bench/finetune.py --threads 1 --data pairs --settings full,adapter --out results/finetune-pairs
+    python bench/finetune.py --keep 0.4 --threads 1 --out results/finetune
+    python bench/finetune.py --keep 0.4 --threads 1 --data pairs --settings full,adapter --out results/finetune-pairs
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ LOSSES = ("stock", "head-at-labels")
 
 
 def parse_args(argv=None):
+    from gradot.methods import DEFAULT_KEEP
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
                    help="'default', a local model folder, or random:<size> (a random Llama of bench/shapes.py's "
@@ -56,7 +58,8 @@ def parse_args(argv=None):
                    help="text: WikiText-2 windows of exactly --seq-len tokens; pairs: --task's training pairs")
     p.add_argument("--task", default="piqa", help="with --data pairs: the task whose training pairs are used")
     p.add_argument("--method", default="uniform", help="emulator method (gradot compress --method)")
-    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters kept (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2, help="steps discarded before timing")

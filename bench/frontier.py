@@ -14,7 +14,7 @@ difference combines the point's standard error with the larger of the two neighb
 
 Across tasks (``mean_curves``): each method's curve averaged over the folder's tasks, at the keeps
 measured on every one of them, compared the same way (a task is a sample of what a data owner may
-bring, and single tasks disagree: docs/transfer.md, sixth round).
+bring, and single tasks disagree: docs/notes/2026-11-30-transfer-rounds.md, sixth round).
 
 Accuracy frontier (optional ``--pipelines``: pipeline output folders): per method, task and keep,
 Emu ZS (privacy) against Plug-in and the transfer ratio.

@@ -44,6 +44,7 @@ import torch
 
 from gradot.artifacts import load_emulator, save_emulator
 from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
+from gradot.methods import DEFAULT_KEEP
 from gradot.methods.gradot import middle_linears
 from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
@@ -61,7 +62,7 @@ TRAINED = ("distill", "scaleot")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default', a local Hugging Face folder or a .gguf file")
-    p.add_argument("--keep", type=float, default=0.4, help="fraction of middle-block parameters every method keeps")
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="fraction of middle-block parameters every method keeps (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--adapter-layers", type=int, default=2)
     p.add_argument("--methods", default="uniform,crash,svd,gradot",
                    help=f"comma-separated, from {', '.join(METHODS)} (gradot: global allocation, lambda 0)")

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from gradot.methods import DEFAULT_KEEP
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gpu_sync, table_row, write_markdown  # noqa: E402
 
@@ -50,7 +52,8 @@ def parse_args(argv=None):
                    help="with random:<size>: a tokenizer folder (default: the default model's tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--keep", type=float, default=0.4)
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help="fraction of middle-block parameters kept (default: the library's DEFAULT_KEEP, %(default)s)")
     p.add_argument("--methods", default="uniform,gradot,distill,scaleot,scaleot-uniform,distill-gradot")
     p.add_argument("--calib-sequences", type=int, default=40)
     p.add_argument("--calib-len", type=int, default=128)

@@ -15,12 +15,15 @@ GradOT's KFAC products over that share of the tokens / in bfloat16 (1), damping:
 eigenvalue before scoring, calib_skip: calibration from the
 next sequences (another sample of the same size), calib_data: ``+``-joined tasks whose train rows replace WikiText as calibration, answer loss;
 for the trained methods distill and scaleot also distill_steps and init); a recipe is ``key=value,...`` (keys: lr, steps, lora, pull, loss, train; ``train=top`` or
-``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Every finished cell is
-a JSON file under ``OUT/cells`` (emulators under ``OUT/emulators``): a rerun resumes, and
-``--report-only`` rebuilds ``OUT/transfer.md`` / ``transfer.json`` from the cells there are.
+``train=bottom`` trains only that half of the adapter on both sides, the other half stays the original's). Keys not
+named take the library's defaults (keep ``DEFAULT_KEEP``, the method configs' options, lr ``TASK_LR``); the
+method's config checks the values. Cells live in a ``gradot.cells.CellStore`` as the pipeline's do: one JSON
+file per finished cell under ``OUT/cells`` (emulators under ``OUT/emulators``), ``OUT/settings.json``
+recording what every cell depends on; a rerun resumes, and ``--report-only`` rebuilds ``OUT/transfer.md`` /
+``transfer.json`` from the cells there are.
 
     OMP_NUM_THREADS=1 python bench/transfer.py --out results/transfer \\
-        --emulators uniform:keep=0.4 gradot:keep=0.4,allocation=global --recipes lr=1e-4 --tasks arc_easy,sciq
+        --emulators uniform gradot gradot:keep=0.55 --recipes steps=30 --tasks arc_easy,sciq
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ import torch
 from transformers import TrainerCallback
 
 from gradot.artifacts import load_emulator, save_emulator
+from gradot.cells import CellStore, claim_folder
+from gradot.methods import DEFAULT_KEEP, get, make_config, method_options
 from gradot.methods.uniform import uniform_emulator
 from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
 from gradot.compensate import compensate
 from gradot.emulator import Emulator
-from gradot.finetune import FinetuneConfig, finetune_adapter, task_records
+from gradot.errors import GradotError
+from gradot.finetune import TASK_LR, FinetuneConfig, finetune_adapter, task_records
 from gradot.modeling import load_model
 from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
 from gradot.split import adapter_state_dict, split_model
@@ -53,19 +59,41 @@ from gradot.tasks import load_task, resolve_data_dir
 from gradot.transfer import answer_losses, loss_transfer
 from common import git_commit  # bench/ is on sys.path when a script runs
 
-EMULATOR_KEYS = {"keep": float, "allocation": str, "lambda": float, "calib": int, "calib_len": int,
-                 "refit": str, "ridge": float, "k": int, "calib_data": str,
-                 # no defaults for these, so other cells keep their names: GradOT's hybrid with OT†,
-                 # the trained methods (distill, scaleot)
-                 "layer_drop": float, "distill_steps": int, "init": str,
-                 # GradOT's cheaper KFAC products (issue 12): token share, bfloat16 (1)
-                 "kfac_tokens": float, "kfac_bf16": int, "damping": float,
+def _option_default(name: str):
+    """A method option's default, as the method registry declares it."""
+    return method_options()[name][0].default
+
+
+def _option_kind(name: str):
+    return method_options()[name][0].metadata["kind"]
+
+
+#: Emulator keys that are method options: bench key -> the registry's option (``lambda`` sets both
+#: λs). Their types and defaults come from the method configs; ``make_config`` checks their values.
+METHOD_OPTION_KEYS = {"allocation": "allocation", "lambda": "lambda_attn", "layer_drop": "layer_drop",
+                      "damping": "damping", "kfac_tokens": "kfac_tokens", "distill_steps": "distill_steps",
+                      "init": "init"}
+EMULATOR_KEYS = {"keep": float, **{k: _option_kind(o) for k, o in METHOD_OPTION_KEYS.items()},
+                 # the bench's own: calibration size (sequences, tokens each), the split, compensation
+                 "calib": int, "calib_len": int, "refit": str, "ridge": float, "k": int, "calib_data": str,
+                 # GradOT's bfloat16 KFAC products, as 1 (an int, so cell names stay as they were)
+                 "kfac_bf16": int,
                  # another calibration sample of the same size: skip this many WikiText sequences first
                  "calib_skip": int}
-EMULATOR_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
+#: The library's defaults (keep, allocation, λ) and the CLI's calibration and split. Keys without a
+#: default (layer_drop, damping, ...) enter a spec only when named, so other cells keep their names.
+EMULATOR_DEFAULTS = {"keep": DEFAULT_KEEP, "allocation": _option_default("allocation"),
+                     "lambda": _option_default("lambda_attn"), "calib": 32, "calib_len": 256,
                      "refit": "none", "ridge": 1e-2, "k": 2}
 RECIPE_KEYS = {"lr": float, "steps": int, "lora": int, "pull": float, "loss": str, "train": str}
-RECIPE_DEFAULTS = {"lr": 1e-4, "steps": 40, "lora": 0, "pull": 0.0, "loss": "answer"}
+#: The data owner's default learning rate is the library's (``TASK_LR``, the same for every task).
+RECIPE_DEFAULTS = {"lr": TASK_LR["default"], "steps": 40, "lora": 0, "pull": 0.0, "loss": "answer"}
+#: The defaults the cell and emulator names were first written against: a name lists the settings
+#: that differ from these, so it stays the same whatever the defaults above become (cached cells are
+#: found again). Labels in the report use them too, so a label always means the same settings.
+NAME_DEFAULTS = {"keep": 0.4, "allocation": "global", "lambda": 0.0, "calib": 32, "calib_len": 256,
+                 "refit": "none", "ridge": 1e-2, "k": 2, "lr": 1e-4, "steps": 40, "lora": 0, "pull": 0.0,
+                 "loss": "answer"}
 
 
 def parse_spec(text: str, keys: dict, defaults: dict, with_method: bool) -> dict:
@@ -85,15 +113,40 @@ def parse_spec(text: str, keys: dict, defaults: dict, with_method: bool) -> dict
         raise SystemExit(f"train must be 'both', 'top' or 'bottom' in {text!r}")
     if spec.get("train") == "both":  # the default is left out so that older cells keep their names
         del spec["train"]
+    if with_method and spec["method"] != "original":
+        if not 0 < spec["keep"] <= 1:
+            raise SystemExit(f"keep must be in (0, 1] in {text!r}")
+        for key, name in METHOD_OPTION_KEYS.items():  # the choices the command line offers for the option
+            choices = method_options()[name][0].metadata.get("choices")
+            if key in spec and choices and spec[key] not in choices:
+                raise SystemExit(f"{key} must be one of {', '.join(map(str, choices))} in {text!r}")
+        try:  # the method's own config checks the rest (ranges, combinations)
+            method_config(spec)
+        except GradotError as exc:
+            raise SystemExit(f"bad emulator spec {text!r}: {exc}") from None
     return spec
+
+
+def method_options_of(spec: dict) -> dict:
+    """The spec's method options under the registry's names (``lambda`` sets both λs)."""
+    options = {METHOD_OPTION_KEYS[k]: spec[k] for k in METHOD_OPTION_KEYS if k in spec}
+    if "lambda" in spec:
+        options["lambda_mlp"] = spec["lambda"]
+    if "kfac_bf16" in spec:
+        options["kfac_bf16"] = bool(spec["kfac_bf16"])
+    return options
+
+
+def method_config(spec: dict):
+    """The spec's method config, built and checked by the method registry."""
+    return make_config(get(spec["method"]).config, spec["keep"], method_options_of(spec))
 
 
 def slug(spec: dict) -> str:
     """Readable, stable file name of a spec: the non-default settings, plus a short hash of all."""
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    defaults = {**EMULATOR_DEFAULTS, **RECIPE_DEFAULTS}
     parts = [spec.get("method", "recipe")] + [f"{k}{v}" for k, v in sorted(spec.items())
-                                               if k != "method" and defaults.get(k) != v]
+                                               if k != "method" and NAME_DEFAULTS.get(k) != v]
     return "-".join(parts + [digest])
 
 
@@ -103,7 +156,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--out", default="results/transfer")
-    p.add_argument("--emulators", nargs="+", default=["uniform:keep=0.4", "gradot:keep=0.4"])
+    p.add_argument("--emulators", nargs="+", default=["uniform", "gradot"], help="METHOD:key=value,... (default keep: "
+                   f"{DEFAULT_KEEP}, the library's)")
     p.add_argument("--recipes", nargs="+", default=[""])
     p.add_argument("--tasks", default="arc_easy,sciq,piqa,openbookqa")
     p.add_argument("--batch-size", type=int, default=8)
@@ -116,11 +170,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def bench_settings(args) -> dict:
+    """What every cell depends on beyond its emulator and recipe (which its name holds)."""
+    return {"model": args.model, "batch_size": args.batch_size, "heldout": args.heldout,
+            "grad_batches": args.grad_batches, "ppl_sequences": args.ppl_sequences, "ppl_len": args.ppl_len,
+            "seed": args.seed}
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out)
-        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        claim_folder(self.out, bench_settings(args), record=not args.report_only,
+                     hint="use another --out, or give the settings the folder was computed with")
+        self.cells = CellStore(self.out / "cells", report_only=args.report_only,
+                               stamp=lambda: {"git_commit": git_commit()})
         self._model = self._tok = None
         self._factors: dict = {}
         self._data: dict = {}
@@ -140,19 +204,7 @@ class Bench:
         return self._tok
 
     def cell(self, name: str, compute):
-        path = self.out / "cells" / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        if self.args.report_only:
-            return None
-        t0 = time.perf_counter()
-        value = compute()
-        value["seconds"] = round(time.perf_counter() - t0, 1)
-        value["git_commit"] = git_commit()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value, indent=1))
-        tmp.replace(path)
-        return value
+        return self.cells.cell(name, compute)
 
     def data(self, task: str, recipe: dict):
         """(training records, held-back pairs): a seeded shuffle of the train split, disjoint parts."""
@@ -201,17 +253,13 @@ class Bench:
         method = spec["method"]
         if method == "original":
             return uniform_emulator(self.model, split, 1.0)
-        from gradot.methods import compress, get, make_config
+        from gradot.methods import compress
 
         if hasattr(get(method).config, "engine"):  # GradOT and its ablations: KFAC factors shared across specs
             from gradot.methods.gradot import gradot_emulator, kfac_products, middle_linears, needs_gradients
             from gradot.stats.kfac import collect_kfac
 
-            options = {"lambda_attn": spec["lambda"], "lambda_mlp": spec["lambda"], "allocation": spec["allocation"],
-                       # keys without a bench default: passed only when a spec names them
-                       **{k: spec[k] for k in ("layer_drop", "damping", "kfac_tokens") if k in spec},
-                       **({"kfac_bf16": bool(spec["kfac_bf16"])} if "kfac_bf16" in spec else {})}
-            method_options = make_config(get(method).config, spec["keep"], options)
+            method_options = method_config(spec)
             cfg = method_options.engine()
             selection = cfg.selection
             factors = None
@@ -375,7 +423,9 @@ def summarize(cells, emulators, tasks) -> list[dict]:
     return rows
 
 
-def describe(spec: dict, defaults: dict) -> str:
+def describe(spec: dict, defaults: dict = NAME_DEFAULTS) -> str:
+    """A row label: keep, and the settings that differ from the names' defaults (fixed, so a label
+    always means the same settings)."""
     text = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method" and (k == "keep" or defaults.get(k) != v))
     return f"{spec['method']} {text}".strip() if "method" in spec else (text or "default")
 
@@ -397,14 +447,14 @@ def report(args, out: Path, rows, refs, missing, tasks):
     for r in rows:
         per = [f"{r['per_task'][t][0]:.2f} ± {r['per_task'][t][1]:.2f}" if t in r["per_task"] else "–" for t in tasks]
         lines.append(
-            f"| {describe(r['emulator'], EMULATOR_DEFAULTS)} | {describe(r['recipe'], RECIPE_DEFAULTS)} | "
+            f"| {describe(r['emulator'])} | {describe(r['recipe'])} | "
             f"{(r['keep_achieved'] or float('nan')):.3f} | {(r['perplexity'] or float('nan')):.0f} | "
             f"{r['emu_loss_before']:.3f} | {r['emu_loss_after']:.3f} | "
             f"{r['grad_cosine'] if r['grad_cosine'] is None else round(r['grad_cosine'], 3)} | "
             f"**{r['transfer_mean']:.2f} ± {r['transfer_se']:.2f}** | " + " | ".join(per) + " |")
     lines += ["", "Direct training (Adapter FT) per task and recipe: base → direct mean held-out loss.", ""]
     for ref in refs:
-        lines.append(f"- {ref['task']}, {describe(ref['recipe'], RECIPE_DEFAULTS)}, k={ref.get('k', 2)}: "
+        lines.append(f"- {ref['task']}, {describe(ref['recipe'])}, k={ref.get('k', 2)}: "
                      f"{mean(ref['base']):.3f} → {mean(ref['direct']):.3f}")
     if missing:
         lines += ["", f"Cells not computed yet: {len(missing)}."]
@@ -429,8 +479,8 @@ def plot_frontier(rows, path: Path) -> None:
     series: dict[str, list] = {}
     for r in rows:
         e = {k: v for k, v in r["emulator"].items() if k not in ("keep",)}
-        label = describe(e, EMULATOR_DEFAULTS) + ("" if describe(r["recipe"], RECIPE_DEFAULTS) == "default"
-                                                  else f" [{describe(r['recipe'], RECIPE_DEFAULTS)}]")
+        label = describe(e) + ("" if describe(r["recipe"]) == "default"
+                                                  else f" [{describe(r['recipe'])}]")
         series.setdefault(label, []).append(r)
     for label, rs in series.items():  # a row whose emulator record is missing has no privacy figure
         rs = sorted((r for r in rs if r["perplexity"] is not None), key=lambda r: r["keep_achieved"] or 0)
@@ -458,7 +508,10 @@ def main(argv=None):
     tasks = args.tasks.split(",")
     emulators = [parse_spec(e, EMULATOR_KEYS, EMULATOR_DEFAULTS, True) for e in args.emulators]
     recipes = [parse_spec(r, RECIPE_KEYS, RECIPE_DEFAULTS, False) for r in args.recipes]
-    bench = Bench(args)
+    try:
+        bench = Bench(args)
+    except GradotError as exc:  # a folder of cells computed with other settings
+        raise SystemExit(str(exc)) from None
     cells, emu_rows, missing = {}, {}, []
     for espec in emulators:
         for recipe in recipes:

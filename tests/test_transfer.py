@@ -135,10 +135,10 @@ def test_bench_report_keeps_every_cached_cell(tmp_path, monkeypatch):
         (tmp_path / "cells" / f"emulator-{bench.slug(emulator)}.json").write_text(json.dumps(record))
 
     (tmp_path / "cells").mkdir()
-    cell("arc_easy", "uniform:keep=0.4", "steps=30", 0.061)
+    cell("arc_easy", "uniform:keep=0.4", "steps=30,lr=1e-4", 0.061)  # labelled against the names' defaults
     cell("sciq", "gradot:keep=0.7", "steps=30,lr=3e-4", 0.792)
     bench.main(["--out", str(tmp_path), "--report-only", "--tasks", "arc_easy",
-                "--emulators", "uniform:keep=0.4", "--recipes", "steps=30"])
+                "--emulators", "uniform:keep=0.4", "--recipes", "steps=30,lr=1e-4"])
     md = (tmp_path / "transfer.md").read_text()
     assert "| uniform keep=0.4 | steps=30 |" in md and "**0.06 ± 0.01**" in md
     assert "| gradot keep=0.7 | lr=0.0003, steps=30 |" in md and "**0.79 ± 0.01**" in md
@@ -211,3 +211,29 @@ def test_frontier_mean_curve_uses_only_keeps_measured_on_every_task(monkeypatch)
     rows = frontier.dominance({**curves, **means})
     mean_row = next(r for r in rows if r["task"] == "mean (a, b)")
     assert mean_row["gradot_at_ppl"] is not None  # compared like a task's curve
+
+
+def test_bench_defaults_are_the_librarys_and_cached_cell_names_stay(monkeypatch):
+    """bench/transfer.py takes keep, the method options and the learning rate from the library, checks
+    specs through the method registry, and names cells as it always did (cached cells are found)."""
+    from pathlib import Path
+
+    from gradot.finetune import TASK_LR
+    from gradot.methods import DEFAULT_KEEP
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import transfer as bench
+
+    spec = bench.parse_spec("gradot", bench.EMULATOR_KEYS, bench.EMULATOR_DEFAULTS, True)
+    recipe = bench.parse_spec("", bench.RECIPE_KEYS, bench.RECIPE_DEFAULTS, False)
+    assert spec["keep"] == DEFAULT_KEEP and spec["allocation"] == "global" and recipe["lr"] == TASK_LR["default"]
+    # names of cells committed under results/transfer/cells, computed before the defaults moved
+    assert bench.slug(bench.parse_spec("gradot:keep=0.4", bench.EMULATOR_KEYS, bench.EMULATOR_DEFAULTS, True)) \
+        == "gradot-591ddf4c"
+    assert bench.slug(bench.parse_spec("steps=30", bench.RECIPE_KEYS, {**bench.RECIPE_DEFAULTS, "lr": 1e-4}, False)) \
+        == "recipe-steps30-a2c6a777"
+    assert bench.slug(bench.parse_spec("steps=30,lr=3e-4", bench.RECIPE_KEYS, bench.RECIPE_DEFAULTS, False)) \
+        == "recipe-lr0.0003-steps30-36d73d0d"
+    for bad in ("gradot:keep=1.5", "gradot:allocation=most", "gradot:layer_drop=1.2", "nomethod:keep=0.5"):
+        with pytest.raises(SystemExit):
+            bench.parse_spec(bad, bench.EMULATOR_KEYS, bench.EMULATOR_DEFAULTS, True)

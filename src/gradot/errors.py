@@ -54,7 +54,11 @@ class CheckpointConflictError(GradotError):
     """``output_dir`` holds checkpoints that this run must not silently reuse or overwrite."""
 
 
-class PipelineSettingsError(GradotError):
+class CellSettingsError(GradotError):
+    """A folder of cached cells holds cells computed with other settings."""
+
+
+class PipelineSettingsError(CellSettingsError):
     """The output folder holds cells computed with other settings."""
 
 

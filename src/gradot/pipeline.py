@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter, save_emulator
+from .cells import SETTINGS_FILE, CellStore, claim_folder  # noqa: F401  (SETTINGS_FILE re-exported)
 from .finetune import (FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints,
                        task_records)
 from .lmeval_tasks import evaluate
@@ -30,12 +30,6 @@ from .registry import decoder_layers
 from .split import Split, adapter_state_dict
 from .tasks import TASK_NAMES, load_task
 from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
-
-log = logging.getLogger(__name__)
-
-
-#: The output folder's record of the settings its cells were computed with.
-SETTINGS_FILE = "settings.json"
 
 
 @dataclass
@@ -110,21 +104,6 @@ def _upgrade_record(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     return old
 
 
-def _difference(key: str, before: Any, now: Any) -> str:
-    """``key: before -> now``, descending into nested dicts to name only the entries that changed;
-    a table of plain values whose every entry changed alike (one rate for every task) is said once."""
-    if not (isinstance(before, dict) and isinstance(now, dict)):
-        return f"{key}: {before!r} -> {now!r}"
-    keys = sorted(set(before) | set(now))
-    changed = [k for k in keys if before.get(k) != now.get(k)]
-    plain = not any(isinstance(v, dict) for v in (*before.values(), *now.values()))
-    pairs = {(repr(before.get(k)), repr(now.get(k))) for k in changed}
-    if plain and len(keys) > 1 and len(changed) == len(keys) and len(pairs) == 1:
-        (x, y), = pairs
-        return f"{key}: {x} -> {y} (every task)" if key.startswith("learning_rates") else f"{key}: {x} -> {y} (every entry)"
-    return "; ".join(_difference(f"{key}.{k}", before.get(k), now.get(k)) for k in changed)
-
-
 def _with_new_option_defaults(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the method options it lacks at their defaults: an option added since the folder
     was recorded (a newly registered method's) computes, at its default, what the cells computed."""
@@ -143,24 +122,9 @@ def claim_output_folder(out: Path, settings: dict[str, Any], record: bool = True
 
     A folder with cells but no record (made before records existed) is adopted as it is.
     """
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError as exc:
-            raise PipelineSettingsError(f"{path}: unreadable ({exc})") from None
-        old = _upgrade_record(old, settings)
-        changed = [_difference(k, old.get(k), v) for k, v in settings.items() if old.get(k) != v]
-        if changed:
-            raise PipelineSettingsError(
-                f"{out} holds cells computed with other settings ({'; '.join(changed)}): "
-                "use another --out, give the settings the folder was computed with (e.g. its --lr), or remove "
-                "the folder to start over")
-    elif record:
-        if any((out / "cells").glob("*.json")):
-            log.warning("%s: cells without a settings record; recording the current settings for them", out)
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
+    claim_folder(out, settings, record, upgrade=_upgrade_record, error=PipelineSettingsError,
+                 hint="use another --out, give the settings the folder was computed with (e.g. its --lr), or "
+                      "remove the folder to start over")
 
 
 class Pipeline:
@@ -168,7 +132,7 @@ class Pipeline:
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.out = Path(cfg.out)
         claim_output_folder(self.out, cell_settings(cfg), record=not cfg.report_only)
-        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        self.cells = CellStore(self.out / "cells", report_only=cfg.report_only)
         if cfg.report_only:  # no model needed to read cells
             return
         # Plug-in only ever writes the adapter layers: remember them to restore the original after.
@@ -178,20 +142,7 @@ class Pipeline:
 
     # -- caching ------------------------------------------------------------------------------
     def _cell(self, key: str, compute, label: str | None = None):
-        path = self.out / "cells" / f"{key}.json"
-        if path.exists():
-            self._stage(label or key, cached=True)
-            return json.loads(path.read_text())
-        if self.cfg.report_only:
-            return None
-        self._stage(label or key)
-        t0 = time.perf_counter()
-        value = compute()
-        value["seconds"] = round(time.perf_counter() - t0, 1)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value, indent=1))
-        tmp.replace(path)  # atomic: a kill never leaves half a cell
-        return value
+        return self.cells.cell(key, compute, on_stage=lambda cached: self._stage(label or key, cached=cached))
 
     def _evaluate(self, model, task: str) -> dict:
         t0 = time.perf_counter()
