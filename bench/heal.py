@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--train", default="all", choices=["all", "middle", "lora"])
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="zero-shot tasks, or 'none'")
     p.add_argument("--limit", type=int, default=500, help="questions per task")
+    p.add_argument("--tasks-at", help="budgets (comma-separated) where the zero-shot tasks run (default: every "
+                                      "budget); perplexity is measured at every budget")
     p.add_argument("--ppl-tokens", type=int, default=32_768, help="WikiText-2 test tokens for perplexity")
     p.add_argument("--state", default=os.path.expanduser("~/.cache/gradot/heal"), help="checkpoint folder root")
     p.add_argument("--out", default="results/heal")
@@ -71,14 +73,15 @@ def run(args, argv) -> None:
     model, tok = load_model(args.model)
     data = resolve_data_dir()
     measure = measurer(tok, perplexity_sequences(tok, data / "text" / "wikitext-2-raw" / "wiki.test.raw",
-                                                 args.ppl_tokens), tasks, args.limit)
+                                                 args.ppl_tokens), tasks, args.limit,
+                       tasks_at=None if not args.tasks_at else [int(b) for b in args.tasks_at.split(",")])
     base = {"label": args.label, "command": command(argv), "commit": git_commit(), "machine": machine(),
             "settings": {"heal": {**vars(config), "budgets": list(config.budgets)}, "tasks": tasks,
-                         "limit": args.limit, "ppl_tokens": args.ppl_tokens,
+                         "limit": args.limit, "ppl_tokens": args.ppl_tokens, "tasks_at": args.tasks_at,
                          "text": [f.name for f in default_attack_files(data)]}}
     if args.label == "original":
         t0 = time.time()
-        write_cell(cells / "original.json", {**base, "date": _now(), "original": measure(model),
+        write_cell(cells / "original.json", {**base, "date": _now(), "original": measure(model, 0),
                                              "seconds": time.time() - t0})
         return
     split = split_model(model, 2)

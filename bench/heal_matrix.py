@@ -70,8 +70,10 @@ def main(argv=None) -> None:
             if not (emulator / "manifest.json").is_file():
                 run(["gradot", "compress", *compress, "--out", str(emulator), "--overwrite"])
             source = ["--emulator", str(emulator)]
+        # zero-shot (the costly measurement) at every budget of the key rows, at the ends of the others
+        tasks_at = [] if budgets == FULL else ["--tasks-at", f"0,{budgets.split(',')[-1]}"]
         run([python, "bench/heal.py", "--label", label, *source, "--budgets", budgets, "--lr", f"{args.lr:g}",
-             "--out", args.out])
+             *tasks_at, "--out", args.out])
 
 
 if __name__ == "__main__":

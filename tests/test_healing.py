@@ -21,7 +21,7 @@ def _sequences(n=16, seq=8, seed=3):
     return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _measure(model):
+def _measure(model, tokens=0):
     ids = _sequences(2, 8, seed=9)
     with torch.no_grad():
         return {"perplexity": math.exp(float(model(input_ids=ids, labels=ids).loss))}

@@ -41,15 +41,16 @@ def perplexity_sequences(tokenizer, path: str | os.PathLike, tokens: int = 32_76
 
 def measurer(tokenizer, ppl_batches: Sequence[torch.Tensor], tasks: Sequence[str] = DEFAULT_TASKS,
              limit: int | None = 500, data_dir: str | os.PathLike | None = None,
-             batch_size: int = 8) -> Callable[[nn.Module], dict]:
-    """``measure(model) -> {"perplexity", "<task>", "<task>_stderr", ...}`` (accuracy in [0, 1])."""
+             batch_size: int = 8, tasks_at: Sequence[int] | None = None) -> Callable[[nn.Module, int], dict]:
+    """``measure(model, tokens) -> {"perplexity", "<task>", "<task>_stderr", ...}`` (accuracy in [0, 1]);
+    the zero-shot tasks only at the budgets ``tasks_at`` when given (they cost more than perplexity)."""
     from .lmeval_tasks import evaluate
     from .proxy import perplexity
 
-    def measure(model: nn.Module) -> dict:
+    def measure(model: nn.Module, tokens: int = 0) -> dict:
         model.eval()
         out = {"perplexity": perplexity(model, ppl_batches)}
-        if tasks:
+        if tasks and (tasks_at is None or tokens in tasks_at):
             with torch.no_grad():
                 scores = evaluate(model, tokenizer, list(tasks), data_dir=data_dir, limit=limit, batch_size=batch_size)
             for task in tasks:
@@ -65,7 +66,7 @@ def random_middle_reference(model: nn.Module, middle: Sequence[int], seed: int =
 
 
 def heal_copy(model: nn.Module, middle: Sequence[int], sequences: torch.Tensor, config: HealConfig,
-              measure: Callable[[nn.Module], dict], checkpoint: str | os.PathLike, identity: dict,
+              measure: Callable[[nn.Module, int], dict], checkpoint: str | os.PathLike, identity: dict,
               progress: Callable[[str], None] | None = None,
               on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Heal a copy of ``model`` (the caller's model is left as it is); records per budget."""
@@ -157,7 +158,7 @@ def check_fits(emulator_manifest: dict, model: nn.Module) -> None:
 
 
 def run_audit(model: nn.Module, tokenizer, emulator, files: Sequence[str | os.PathLike], config: HealConfig,
-              measure: Callable[[nn.Module], dict], out: str | os.PathLike, settings: dict, reference: bool = True,
+              measure: Callable[[nn.Module, int], dict], out: str | os.PathLike, settings: dict, reference: bool = True,
               progress: Callable[[str], None] | None = None) -> dict:
     """Heal ``emulator`` (and the random-middle reference of ``model``) on ``files`` at each budget of
     ``config``; write ``audit.json`` and ``audit.md`` to ``out`` after every measurement (resumable
@@ -170,7 +171,7 @@ def run_audit(model: nn.Module, tokenizer, emulator, files: Sequence[str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)
     tasks = list(settings["tasks"])
-    original = _cached(out / "original.json", settings, lambda: measure(model), say)
+    original = _cached(out / "original.json", settings, lambda: measure(model, 0), say)
     sequences = attack_sequences(tokenizer, files, config.budgets[-1], config.seq_len)
     emu_middle = [i for i, s in enumerate(emulator.slots) if s.role == "middle"]
     report = {"emulator": emulator.manifest["method"] + f" (keep {emulator.manifest['size']['keep_achieved']:.2f})",

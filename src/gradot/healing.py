@@ -234,12 +234,12 @@ def _lr_at(step: int, config: HealConfig) -> float:
     return config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))
 
 
-def heal(model: nn.Module, sequences: torch.Tensor, config: HealConfig, measure: Callable[[nn.Module], dict],
+def heal(model: nn.Module, sequences: torch.Tensor, config: HealConfig, measure: Callable[[nn.Module, int], dict],
          checkpoint: str | os.PathLike, identity: dict | None = None,
          progress: Callable[[str], None] | None = None,
          on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Train ``model`` (its parameters with ``requires_grad``) on ``sequences`` and call ``measure``
-    at each budget of ``config``. Returns one record per budget: tokens, steps, the attacker's
+    """Train ``model`` (its parameters with ``requires_grad``) on ``sequences`` and call
+    ``measure(model, tokens)`` at each budget of ``config``. Returns one record per budget: tokens, steps, the attacker's
     CPU- and wall-seconds of training so far, and what ``measure`` returned.
 
     Resumes from ``checkpoint`` (a folder) when it holds a run of the same ``config`` and
@@ -264,7 +264,7 @@ def heal(model: nn.Module, sequences: torch.Tensor, config: HealConfig, measure:
         _train_to(model, optimizer, params, sequences, config, config.steps_for(budget), state, folder, say)
         model.eval()
         record = {"tokens": budget, "steps": state["step"], "cpu_seconds": round(state["cpu_seconds"], 1),
-                  "wall_seconds": round(state["wall_seconds"], 1), **measure(model)}
+                  "wall_seconds": round(state["wall_seconds"], 1), **measure(model, budget)}
         state["records"].append(record)
         save_state(folder, model, optimizer, state)
         if on_record is not None:
