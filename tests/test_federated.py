@@ -230,3 +230,31 @@ def test_cli_app_writes_the_flower_app(tmp_path, capsys):
     from gradot.federated.apps import FederationSettings
 
     assert FederationSettings.from_run_config(run).rounds == 4
+
+
+def test_flower_telemetry_is_off_wherever_gradot_starts_flower():
+    """Flower reads FLWR_TELEMETRY_ENABLED once, on import: gradot.federated sets it to 0 first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    code = ("import gradot.federated.apps, os; from flwr.supercore import telemetry; "
+            "print(os.environ['FLWR_TELEMETRY_ENABLED'], telemetry.FLWR_TELEMETRY_ENABLED)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "0"]
+
+
+def test_federate_lr_defaults_to_finetunes_rate():
+    import argparse
+
+    from gradot.cli_data import _federation_arguments
+    from gradot.federated.commands import _settings
+    from gradot.finetune import default_learning_rate
+
+    p = argparse.ArgumentParser()
+    _federation_arguments(p)
+    settings = _settings(p.parse_args([]))
+    assert settings.lr == default_learning_rate(None) == FederationSettings().lr
+    assert _settings(p.parse_args(["--lr", "1e-3"])).lr == 1e-3

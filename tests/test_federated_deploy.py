@@ -74,7 +74,7 @@ def test_superlink_and_two_supernodes_run_two_rounds_and_shut_down(tmp_path):
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     procs: list[subprocess.Popen] = []
 

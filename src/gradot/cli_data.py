@@ -277,7 +277,8 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-steps", type=int_at_least(0, "an integer >= 0"), default=10,
                    help="optimizer steps each client runs per round (0: --local-epochs decide)")
     g.add_argument("--local-epochs", type=float, default=1.0, help="passes over its data per round when --local-steps is 0")
-    g.add_argument("--lr", type=float, default=1e-4, help="clients' learning rate (AdamW restarts every round)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="clients' learning rate (AdamW restarts every round; default: gradot finetune's, 3e-4)")
     g.add_argument("--train-batch-size", type=positive_int, default=8, help="examples per step")
     g.add_argument("--max-length", type=int_at_least(2, "an integer >= 2"), default=256, help="tokens per example")
     g.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")

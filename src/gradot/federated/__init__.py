@@ -10,3 +10,10 @@
 
 Flower (``flwr``) is imported only when this package is.
 """
+
+import os
+
+# Flower sends usage telemetry (flwr.supercore.telemetry) unless FLWR_TELEMETRY_ENABLED=0, and reads
+# the variable once, when flwr is first imported: a privacy tool sends nothing anywhere unless the
+# user asks, so gradot turns it off before any flwr import (a user who sets the variable keeps it).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -48,6 +48,7 @@ from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
 from ..emulator import Emulator
+from ..finetune import default_learning_rate
 from .core import (
     AdapterSpec,
     UpdateRejected,
@@ -83,7 +84,7 @@ class FederationSettings:
     rounds: int = 3
     local_steps: int = 10      # optimizer steps per client per round; 0: local_epochs decide
     local_epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float = default_learning_rate(None)  # gradot finetune's rate for a data owner's adapter
     batch_size: int = 8
     max_length: int = 256
     mu: float = 0.0            # FedProx proximal weight; 0: FedAvg

@@ -20,8 +20,10 @@ from pathlib import Path
 def _settings(args, **extra):
     from .apps import FederationSettings
 
+    if args.lr is not None:  # else FederationSettings' default, gradot finetune's rate
+        extra["lr"] = args.lr
     return FederationSettings(rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs,
-                              lr=args.lr, batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
+                              batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
                               min_clients=args.min_clients, round_timeout=args.round_timeout, secagg=args.secagg,
                               secagg_clip=args.secagg_clip, seed=args.seed, max_change=args.max_change, **extra)
 
