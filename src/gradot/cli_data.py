@@ -292,8 +292,18 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+ clipping range of each update value (updates are weight differences, ~1e-3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of local training (plus the round)")
     g.add_argument("--max-change", type=float, default=0.0,
-                   help="leave out an update that moves a tensor more than this many times its norm (0: only warn "
-                        "above 1, as plugin does)")
+                   help="leave out an update, and drop a round whose aggregate, moves a tensor more than this many "
+                        "times its norm (0: only warn above 1, as plugin does)")
+    g.add_argument("--clip", type=float, default=None,
+                   help="clip each client's update to this x the global adapter's L2 norm (Flower's fixed clipping; "
+                        "default 0.05, see docs/federated.md; 0: off)")
+    g.add_argument("--max-examples", type=int_at_least(0, "an integer >= 0"), default=None,
+                   help="refuse a client claiming more examples than this (simulate: default the largest share; "
+                        "app: default 0, no fixed cap)")
+    g.add_argument("--max-examples-ratio", type=float, default=None,
+                   help="refuse a client claiming more than this x the round's median count (default 4; 0: off)")
+    g.add_argument("--aggregate", choices=("fedavg", "median", "trimmed-mean", "krum"), default="fedavg",
+                   help="aggregation rule (Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum); SecAgg+: fedavg only")
 
 
 def _add_federate(sub) -> None:

@@ -1,7 +1,9 @@
 """Federated offsite-tuning on Flower: many data owners fine-tune one adapter on the shared emulator.
 
 * :mod:`.core`: what crosses the wire (adapter updates in a fixed layout), the checks both sides
-  apply to every message, FedAvg's example-weighted mean.
+  apply to every message.
+* :mod:`.robust`: what bounds one client: the example-count cap, update-norm clipping, the
+  aggregation rules (Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum), the aggregate's bound.
 * :mod:`.apps`: the model owner's ``ServerApp`` and the data owners' ``ClientApp`` (optionally
   with Flower's SecAgg+), and the module-level ``server_app`` / ``client_app`` that ``flwr run``
   and ``flower-supernode`` load.
