@@ -398,3 +398,23 @@ def test_robust_rules_resist_a_scaled_update_that_fedavg_lets_in():
 def test_robust_rules_are_refused_under_secagg():
     with pytest.raises(ValueError, match="fedavg only"):
         FederationSettings(secagg=True, aggregate="median")
+
+
+def test_a_hanging_client_costs_one_timeout_and_is_named_once():
+    import time
+
+    def hang(delta):
+        time.sleep(12)
+        return delta
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=hang)]
+    t0 = time.monotonic()
+    record, _, _ = _federate(_settings(min_available=3, round_timeout=4), clients)
+    rnd = record["rounds"][0]
+    assert rnd["applied"] and sorted(a["examples"] for a in rnd["accepted"]) == [2, 6]
+    assert len(rnd["failures"]) == 1 and "no reply within 4 s" in rnd["failures"][0]
+    assert time.monotonic() - t0 < 11  # it did not wait for the hanging client
+
+
+def test_default_round_timeout_is_minutes():
+    assert 60 <= FederationSettings().round_timeout <= 1800

@@ -98,7 +98,7 @@ class FederationSettings:
     mu: float = 0.0            # FedProx proximal weight; 0: FedAvg
     min_clients: int = 2       # quorum: fewer accepted updates and the round keeps the old adapter
     min_available: int = 2     # clients that must be connected before a round starts
-    round_timeout: float = 3600.0  # seconds the server waits for a round's replies
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies (docs/federated.md: sizing)
     secagg: bool = False
     secagg_clip: float = 1.0   # SecAgg+ clipping range of each (example-weighted) update value
     secagg_max_weight: float = 10000.0  # SecAgg+'s bound on one client's example count
@@ -391,15 +391,18 @@ def _timed_fit_workflow(timeout: float):
         out = [Message(content=compat.fitins_to_recorddict(ins, True), dst_node_id=proxy.node_id,
                        message_type=MessageType.TRAIN, group_id=str(rnd)) for proxy, ins in chosen]
         replies = list(grid.send_and_receive(out, timeout=timeout))
-        results, failures = [], []
+        # A reply names the message it answers; an error reply the SuperLink writes for a node that
+        # is gone may not name that node as its sender, so each reply is matched to its request.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in out}
+        results, failures, answered = [], [], set()
         for msg in replies:
+            nid = node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(nid)
             if msg.has_error():
-                failures.append(RuntimeError(f"node {msg.metadata.src_node_id}: {msg.error.reason}"))
+                failures.append(RuntimeError(f"node {nid}: {msg.error.reason}"))
                 continue
             res = compat.recorddict_to_fitres(msg.content, False)
-            proxy = proxies[msg.metadata.src_node_id]
-            (results if res.status.code == Code.OK else failures).append((proxy, res))
-        answered = {m.metadata.src_node_id for m in replies}
+            (results if res.status.code == Code.OK else failures).append((proxies[nid], res))
         failures += [TimeoutError(f"node {nid}: no reply within {timeout:g} s") for nid in proxies if nid not in answered]
         aggregated, metrics = context.strategy.aggregate_fit(rnd, results, failures)
         if aggregated is not None:
