@@ -409,11 +409,13 @@ def test_a_hanging_client_costs_one_timeout_and_is_named_once():
 
     clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=hang)]
     t0 = time.monotonic()
-    record, _, _ = _federate(_settings(min_available=3, round_timeout=4), clients)
-    rnd = record["rounds"][0]
-    assert rnd["applied"] and sorted(a["examples"] for a in rnd["accepted"]) == [2, 6]
-    assert len(rnd["failures"]) == 1 and "no reply within 4 s" in rnd["failures"][0]
-    assert time.monotonic() - t0 < 11  # it did not wait for the hanging client
+    record, _, _ = _federate(_settings(rounds=2, min_available=3, round_timeout=4), clients)
+    first, second = record["rounds"]
+    assert first["applied"] and sorted(a["examples"] for a in first["accepted"]) == [2, 6]
+    assert len(first["failures"]) == 1 and "no reply within 4 s" in first["failures"][0]
+    # Round 2 goes on with the two that remain (min_available holds round 1 only).
+    assert second["applied"] and len(second["accepted"]) == 2
+    assert time.monotonic() - t0 < 20  # it did not wait for the hanging client
 
 
 def test_default_round_timeout_is_minutes():

@@ -296,7 +296,7 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
                         "times its norm (0: only warn above 1, as plugin does)")
     g.add_argument("--clip", type=float, default=None,
                    help="clip each client's update to this x the global adapter's L2 norm (Flower's fixed clipping; "
-                        "default 0.05, see docs/federated.md; 0: off)")
+                        "default 0.02, 5x an honest round of the default model, see docs/federated.md; 0: off)")
     g.add_argument("--max-examples", type=int_at_least(0, "an integer >= 0"), default=None,
                    help="refuse a client claiming more examples than this (simulate: default the largest share; "
                         "app: default 0, no fixed cap)")

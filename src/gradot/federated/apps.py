@@ -106,7 +106,7 @@ class FederationSettings:
     max_change: float = 0.0    # > 0: leave out an update (drop an aggregate) moving a tensor more than this x its norm
     max_examples: int = 0      # > 0: refuse a client claiming more examples (under SecAgg+ also secagg_max_weight)
     max_examples_ratio: float = 4.0  # > 0: refuse a count above this x the round's (low) median count
-    clip: float = 0.05         # > 0: clip each update's L2 norm to this x the global adapter's (0: no clipping)
+    clip: float = 0.02         # > 0: clip each update's L2 norm to this x the global adapter's (0: no clipping)
     aggregate: str = "fedavg"  # fedavg | median | trimmed-mean | krum (Flower's; SecAgg+: fedavg only)
 
     def __post_init__(self):
@@ -204,6 +204,10 @@ class AdapterStrategy(FedAvg):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         self.global_arrays = parameters_to_ndarrays(parameters)
         self._started = time.perf_counter()
+        if server_round > 1:
+            # min_available is what round 1 waits for; after it, a node that failed or went away must
+            # not hold later rounds (Flower would wait up to a day for it): the quorum is enough.
+            self.min_available_clients = self.min_fit_clients
         return super().configure_fit(server_round, parameters, client_manager)
 
     def _leave_out(self, server_round, node, exc, excluded) -> None:
