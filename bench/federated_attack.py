@@ -1,9 +1,9 @@
 """One hostile data owner among three: what each attack does to the federated adapter, per
 aggregation rule (gradot.federated; docs/federated.md, "What one client can and cannot do").
 
-A tiny random Llama (4 layers, k = 1) on a synthetic task whose answer is a fixed function of the
-question, so that the adapter learns something measurable in a few steps; three data owners
-(12 + 12 + 12 rows), 3 rounds of 2 local steps. For every aggregation rule (and FedAvg with every
+A tiny random Llama (4 layers, k = 1) on a synthetic task whose answer is a fixed word and the question's
+last word, so that the adapter learns something measurable in a few steps; three data owners
+(12 + 12 + 12 rows), 3 rounds of 4 local steps. For every aggregation rule (and FedAvg with every
 defence off, "fedavg, undefended": no count cap, no clipping) it runs the honest federation and
 each attack by the third client: an inflated example count (10^9), its update scaled x100, one
 value of its update set to 1e30, NaN under SecAgg+ (FedAvg only: SecAgg+ needs it), and a client
@@ -62,18 +62,20 @@ def tiny_model():
 
 
 def records(n: int, seed: int):
-    """``Question : a b c Answer : c a`` (the answer: the last word, then the first)."""
+    """``Question : a b c Answer : w7 c`` (the answer: a fixed word, then the question's last)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         q = list(rng.choice(WORDS, 3))
-        out.append((f"Question : {' '.join(q)} Answer :", f" {q[2]} {q[0]}"))
+        out.append((f"Question : {' '.join(q)} Answer :", f" w7 {q[2]}"))
     return out
 
 
-def answer_accuracy(model, tok, rows) -> tuple[float, bool]:
-    """Answer-token accuracy (argmax) of ``model`` on ``rows``; whether every logit was finite."""
+def answer_accuracy(model, tok, rows) -> tuple[float, float, bool]:
+    """Answer-token accuracy (argmax) and mean cross-entropy of ``model`` on ``rows``; whether every
+    logit was finite."""
     hits = total = 0
+    loss = 0.0
     finite = True
     model.eval()
     with torch.no_grad():
@@ -83,10 +85,11 @@ def answer_accuracy(model, tok, rows) -> tuple[float, bool]:
             ids = torch.tensor([p + a])
             logits = model(ids).logits[0]
             finite &= bool(torch.isfinite(logits).all())
-            pred = logits[len(p) - 1:len(p) + len(a) - 1].argmax(-1)
-            hits += int((pred == torch.tensor(a)).sum())
+            at = logits[len(p) - 1:len(p) + len(a) - 1]
+            hits += int((at.argmax(-1) == torch.tensor(a)).sum())
+            loss += float(torch.nn.functional.cross_entropy(at.double(), torch.tensor(a), reduction="sum"))
             total += len(a)
-    return hits / total, finite
+    return hits / total, loss / total, finite
 
 
 def tamper_for(attack: str, timeout: float):
@@ -151,7 +154,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/federated-attack")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-steps", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--timeout", type=float, default=3.0, help="round timeout (s); the hanging client sleeps 2x")
     args = ap.parse_args()
@@ -175,7 +178,7 @@ def main() -> int:
 
     data = [records(12, 1), records(12, 2), records(12, 3)]
     held_out = records(64, 99)
-    base_acc, _ = answer_accuracy(full, tok, held_out)
+    base_acc, base_loss, _ = answer_accuracy(full, tok, held_out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -198,15 +201,15 @@ def main() -> int:
                 model = copy.deepcopy(full)
                 try:
                     plug_in(model, folder / "adapter", k=k)
-                    acc, finite = answer_accuracy(model, tok, held_out)
+                    acc, loss, finite = answer_accuracy(model, tok, held_out)
                 except Exception as exc:  # an adapter plug_in refuses: recorded, not plugged
-                    acc, finite = float("nan"), f"refused: {exc}"
+                    acc, loss, finite = float("nan"), float("nan"), f"refused: {exc}"
                 if attack == "honest":
                     honest[rule] = arrays
                 ref = honest[rule]
                 cell = {"rule": rule, "attack": attack, "rounds_applied": record["rounds_applied"],
                         "distance_from_honest": distance(arrays, ref) / max(distance(ref, start), 1e-12),
-                        "accuracy": acc, "finite_logits": finite, "seconds": round(seconds, 2),
+                        "accuracy": acc, "answer_loss": loss, "finite_logits": finite, "seconds": round(seconds, 2),
                         "excluded": sum(len(r["excluded"]) for r in record["rounds"]),
                         "clipped": sum(bool(a.get("clipped")) for r in record["rounds"] for a in r["accepted"]),
                         "failures": sum(len(r["failures"]) for r in record["rounds"]),
@@ -218,25 +221,28 @@ def main() -> int:
             "settings": {"rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "clients": [12, 12, 12],
                          "round_timeout": args.timeout, "clip": clip, "largest_honest_change": honest_change,
                          "max_examples": 12, "max_examples_ratio": 4.0, "held_out": len(held_out)},
-            "no_adapter_accuracy": base_acc, "seconds": round(time.perf_counter() - t_all, 1)}
+            "no_adapter_accuracy": base_acc, "no_adapter_loss": base_loss, "seconds": round(time.perf_counter() - t_all, 1)}
     (out / "results.json").write_text(json.dumps({**meta, "cells": cells}, indent=1))
     lines = ["# One hostile data owner among three: attacks per aggregation rule", "",
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}; {meta['seconds']} s in all.", "",
-             "A tiny random Llama (4 layers, k = 1, uniform emulator at keep 0.5), a synthetic task (answer: the "
-             "question's last word, then its first), three data owners of 12 rows, "
+             "A tiny random Llama (4 layers, k = 1, uniform emulator at keep 0.5), a synthetic task (answer: "
+             "a fixed word, then the question's last word), three data owners of 12 rows, "
              f"{args.rounds} rounds of {args.local_steps} local steps at lr {args.lr:g}. The third client attacks. "
              f"Clipping bound {clip:.3f} x the global adapter's norm (5x the largest honest update, {honest_change:.3f}); "
              "count cap: the largest share (12) and 4x the round's median; round timeout "
              f"{args.timeout:g} s. \"distance\": the final adapter's distance from the honest federation's under the "
              "same rule, over the honest federation's own movement (0: unharmed). \"accuracy\": the plugged full "
-             f"model's answer-token accuracy on {len(held_out)} held-out rows (no adapter: {base_acc:.3f}).", "",
-             table_row(["rule", "attack", "rounds applied", "distance", "accuracy", "finite logits", "left out",
-                        "clipped", "failed", "notes"]),
-             table_row(["---"] * 10)]
+             f"model's answer-token accuracy and mean cross-entropy (\"loss\", nats) on {len(held_out)} held-out rows "
+             f"(no adapter: {base_acc:.3f}, loss {base_loss:.2f}). \"hanging client\" is in effect the federation "
+             "without the third client after round 1: its distance is what losing one honest client costs.", "",
+             table_row(["rule", "attack", "rounds applied", "distance", "accuracy", "loss", "finite logits",
+                        "left out", "clipped", "failed", "notes"]),
+             table_row(["---"] * 11)]
     for c in cells:
         lines.append(table_row([c["rule"], c["attack"], f"{c['rounds_applied']}/{args.rounds}",
-                                f"{c['distance_from_honest']:.3g}", f"{c['accuracy']:.3f}", c["finite_logits"],
+                                f"{c['distance_from_honest']:.3g}", f"{c['accuracy']:.3f}", f"{c['answer_loss']:.3g}",
+                                c["finite_logits"],
                                 c["excluded"], c["clipped"], c["failures"], "; ".join(c["notes"]) or "–"]))
     write_markdown(out / "README.md", lines)
     return 0

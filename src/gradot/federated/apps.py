@@ -2,10 +2,11 @@
 
 Server (model owner): holds the emulator's adapter (the global adapter, initially the original
 model's adapter layers), runs R rounds of FedAvg weighted by example counts (FedProx when
-``mu > 0``: the server side is FedAvg, the proximal term is in the clients' gradients), checks
-every reply (:func:`gradot.federated.core.check_update`) and leaves out, with a logged reason,
-any client that fails; a round with fewer accepted clients than the quorum keeps the previous
-adapter. At the end it writes the aggregate as an ordinary gradot adapter folder (``plug_in``
+``mu > 0``: the server side is FedAvg, the proximal term is in the clients' gradients; or another
+rule of :mod:`.robust`), checks every reply (:func:`gradot.federated.core.check_update`, then the
+example-count cap) and leaves out, with a logged reason, any client that fails, clips every
+update's norm, and applies an aggregate only once it passes its own checks; a round with fewer
+accepted clients than the quorum keeps the previous adapter. At the end it writes the aggregate as an ordinary gradot adapter folder (``plug_in``
 checks it like any other) and a ``federation.json`` record of every round.
 
 Client (data owner): receives the global adapter, checks it against its own emulator (the
