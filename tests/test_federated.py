@@ -420,3 +420,25 @@ def test_a_hanging_client_costs_one_timeout_and_is_named_once():
 
 def test_default_round_timeout_is_minutes():
     assert 60 <= FederationSettings().round_timeout <= 1800
+
+
+def test_a_node_the_superlink_reports_gone_is_one_named_failure(monkeypatch):
+    """A SuperLink answers for a node that is gone with an error reply from itself (node 0) that
+    names the message it answers: the failure is the node's, recorded once, with the reason."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from gradot.federated.runtime import LocalGrid
+
+    deliver = LocalGrid._deliver
+
+    def gone_node_2(self, msg):
+        if self.contexts[msg.metadata.dst_node_id].node_config["partition-id"] == 2:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return deliver(self, msg)
+
+    monkeypatch.setattr(LocalGrid, "_deliver", gone_node_2)
+    record, _, _ = _federate(_settings(min_available=3), [_honest(d) for d in DATA])
+    rnd = record["rounds"][0]
+    assert rnd["applied"] and len(rnd["accepted"]) == 2
+    assert len(rnd["failures"]) == 1 and "no reply" not in rnd["failures"][0]
+    assert "Node Unavailable" in rnd["failures"][0] and "node 0:" not in rnd["failures"][0]
