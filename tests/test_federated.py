@@ -442,3 +442,12 @@ def test_a_node_the_superlink_reports_gone_is_one_named_failure(monkeypatch):
     assert rnd["applied"] and len(rnd["accepted"]) == 2
     assert len(rnd["failures"]) == 1 and "no reply" not in rnd["failures"][0]
     assert "Node Unavailable" in rnd["failures"][0] and "node 0:" not in rnd["failures"][0]
+
+
+def test_max_change_refuses_the_aggregate_too():
+    """Under SecAgg+ no single update can be measured: --max-change then holds on the unmasked mean."""
+    record, final, spec = _federate(_settings(secagg=True, secagg_clip=0.5, secagg_max_weight=16, max_change=1e-6),
+                                    [_honest(d) for d in DATA])
+    rnd = record["rounds"][0]
+    assert not rnd["applied"] and "more than the allowed 1e-06x" in rnd["note"]
+    assert _close(final, to_arrays(_emulator(), spec), 0)
