@@ -262,6 +262,21 @@ def test_federate_lr_defaults_to_finetunes_rate():
     assert _settings(p.parse_args(["--lr", "1e-3"])).lr == 1e-3
 
 
+def test_federate_cli_defaults_are_the_settings_defaults():
+    """What the command line leaves unset is FederationSettings' default (one place for each)."""
+    import argparse
+
+    from gradot.cli_data import _federation_arguments
+    from gradot.federated.commands import _settings
+
+    p = argparse.ArgumentParser()
+    _federation_arguments(p)
+    got, want = _settings(p.parse_args([])), FederationSettings()
+    for name in ("round_timeout", "clip", "max_examples", "max_examples_ratio", "aggregate", "lr"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert _settings(p.parse_args(["--round-timeout", "30", "--clip", "0"])).round_timeout == 30
+
+
 # ---------------------------------------------------------------------------------------------
 # One hostile data owner among three: what it claims and sends is refused or bounded.
 

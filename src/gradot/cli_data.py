@@ -284,8 +284,9 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")
     g.add_argument("--min-clients", type=positive_int, default=2,
                    help="quorum: a round with fewer accepted updates keeps the previous adapter")
-    g.add_argument("--round-timeout", type=float, default=3600.0,
-                   help="seconds the server waits for a round's replies (silent clients count as failed)")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds the server waits for a round's replies (silent clients count as failed; default "
+                        "600, 4-6x a measured round of the default model, see docs/federated.md)")
     g.add_argument("--secagg", action="store_true",
                    help="Flower's SecAgg+ (the server sees only the sum of the updates, never one client's)")
     g.add_argument("--secagg-clip", type=float, default=1.0,

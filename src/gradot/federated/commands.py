@@ -22,13 +22,13 @@ def _settings(args, **extra):
 
     # Options left unset take FederationSettings' defaults (the lr: gradot finetune's rate).
     for option, name in (("lr", "lr"), ("clip", "clip"), ("max_examples", "max_examples"),
-                         ("max_examples_ratio", "max_examples_ratio")):
+                         ("max_examples_ratio", "max_examples_ratio"), ("round_timeout", "round_timeout")):
         if getattr(args, option, None) is not None:
             extra[name] = getattr(args, option)
     extra.setdefault("aggregate", getattr(args, "aggregate", "fedavg"))
     return FederationSettings(rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs,
                               batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
-                              min_clients=args.min_clients, round_timeout=args.round_timeout, secagg=args.secagg,
+                              min_clients=args.min_clients, secagg=args.secagg,
                               secagg_clip=args.secagg_clip, seed=args.seed, max_change=args.max_change, **extra)
 
 
