@@ -39,8 +39,10 @@ def _emulator(seed=0):
 
 
 def _settings(**kw):
+    """The tests' federation; clip=0 (no clipping) unless a test sets it, so that the aggregate is
+    exactly FedAvg's and can be compared with a hand-computed one."""
     base = dict(rounds=1, local_steps=2, lr=1e-2, batch_size=2, max_length=32, min_clients=2, min_available=2,
-                round_timeout=60, seed=0)
+                round_timeout=60, seed=0, clip=0.0)
     base.update(kw)
     return FederationSettings(**base)
 
@@ -230,3 +232,237 @@ def test_cli_app_writes_the_flower_app(tmp_path, capsys):
     from gradot.federated.apps import FederationSettings
 
     assert FederationSettings.from_run_config(run).rounds == 4
+
+
+def test_flower_telemetry_is_off_wherever_gradot_starts_flower():
+    """Flower reads FLWR_TELEMETRY_ENABLED once, on import: gradot.federated sets it to 0 first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    code = ("import gradot.federated.apps, os; from flwr.supercore import telemetry; "
+            "print(os.environ['FLWR_TELEMETRY_ENABLED'], telemetry.FLWR_TELEMETRY_ENABLED)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "0"]
+
+
+def test_federate_lr_defaults_to_finetunes_rate():
+    import argparse
+
+    from gradot.cli_data import _federation_arguments
+    from gradot.federated.commands import _settings
+    from gradot.finetune import default_learning_rate
+
+    p = argparse.ArgumentParser()
+    _federation_arguments(p)
+    settings = _settings(p.parse_args([]))
+    assert settings.lr == default_learning_rate(None) == FederationSettings().lr
+    assert _settings(p.parse_args(["--lr", "1e-3"])).lr == 1e-3
+
+
+def test_federate_cli_defaults_are_the_settings_defaults():
+    """What the command line leaves unset is FederationSettings' default (one place for each)."""
+    import argparse
+
+    from gradot.cli_data import _federation_arguments
+    from gradot.federated.commands import _settings
+
+    p = argparse.ArgumentParser()
+    _federation_arguments(p)
+    got, want = _settings(p.parse_args([])), FederationSettings()
+    for name in ("round_timeout", "clip", "max_examples", "max_examples_ratio", "aggregate", "lr"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert _settings(p.parse_args(["--round-timeout", "30", "--clip", "0"])).round_timeout == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# One hostile data owner among three: what it claims and sends is refused or bounded.
+
+
+class _Claims(AdapterClient):
+    """A dishonest data owner: trains honestly, then claims ``count`` examples."""
+
+    def __init__(self, *args, count, **kw):
+        super().__init__(*args, **kw)
+        self.count = count
+
+    def fit(self, parameters, config):
+        delta, _, metrics = super().fit(parameters, config)
+        return delta, self.count, metrics
+
+
+def _change(final, start):
+    return float(np.sqrt(sum(np.sum((f.astype(np.float64) - s) ** 2) for f, s in zip(final, start))))
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+def test_an_inflated_example_count_is_refused(secagg, caplog):
+    clients = [_honest(DATA[0]), _honest(DATA[2]), _Claims(_emulator(), tiny_tokenizer(), DATA[1], count=10**9)]
+    extra = {"secagg": True, "secagg_clip": 0.5, "secagg_max_weight": 16} if secagg else {}
+    with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
+        record, final, spec = _federate(_settings(min_available=3, **extra), clients)
+    rnd = record["rounds"][0]
+    assert len(rnd["excluded"]) == 1 and "1000000000 examples, above this round's cap" in rnd["excluded"][0]["reason"]
+    assert "left out" in caplog.text
+    if secagg:  # its masked update is already in the sum: the round is dropped, the adapter kept
+        assert not rnd["applied"] and "round dropped" in rnd["note"]
+        assert _close(final, to_arrays(_emulator(), spec), 0)
+    else:
+        assert rnd["applied"] and sorted(a["examples"] for a in rnd["accepted"]) == [2, 6]
+
+
+def test_a_count_above_secagg_max_weight_is_refused():
+    clients = [_honest(DATA[0]), _honest(DATA[2]), _Claims(_emulator(), tiny_tokenizer(), DATA[1], count=20)]
+    record, _, _ = _federate(_settings(min_available=3, secagg=True, secagg_clip=0.5, secagg_max_weight=16,
+                                       max_examples_ratio=0), clients)
+    rnd = record["rounds"][0]
+    assert not rnd["applied"] and "claims 20 examples" in rnd["excluded"][0]["reason"]
+
+
+def test_clipping_bounds_what_a_scaled_update_moves(caplog):
+    """A x100 update (and a x1e4 one that --max-change would refuse) is clipped to the bound, so the
+    aggregate moves no further from the honest one than the hostile client's share of it."""
+    honest, honest_final, spec = _federate(_settings(min_available=2, clip=0.5), [_honest(DATA[0]), _honest(DATA[2])])
+    start = to_arrays(_emulator(), spec)
+    bound = 0.5 * _change(start, [np.zeros_like(s, dtype=np.float64) for s in start])
+    for scale in (100, 1e4):
+        hostile = AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=lambda d, s=scale: [x * s for x in d])
+        with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
+            record, final, _ = _federate(_settings(min_available=3, clip=0.5),
+                                         [_honest(DATA[0]), _honest(DATA[2]), hostile])
+        rnd = record["rounds"][0]
+        assert rnd["applied"] and {a["examples"]: a["clipped"] for a in rnd["accepted"]} == {2: False, 6: False, 4: True}
+        assert "clipped to" in caplog.text
+        assert _change(final, start) <= bound * (1 + 1e-5)
+        # Its weight is 4/12; honest updates are ~0.14 of the adapter's norm, its is clipped to 0.5.
+        assert _change(final, honest_final) <= bound * (1 + 0.3)
+
+
+def test_a_single_huge_value_never_reaches_the_adapter():
+    def huge(delta):
+        delta[0] = delta[0].copy()
+        delta[0].flat[0] = 1e30
+        return delta
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=huge)]
+    record, final, spec = _federate(_settings(rounds=2, min_available=3, clip=0.5), clients)
+    start = to_arrays(_emulator(), spec)
+    assert record["rounds_applied"] == 2 and all(len(r["accepted"]) == 3 for r in record["rounds"])
+    assert all(np.isfinite(a).all() for a in final)
+    # Clipping bounds the L2 norm of each update, so of each round's mean: the value may take that
+    # whole budget (the hostile client's share of it), but no more.
+    bound = 0.5 * _change(start, [0 * s for s in start])
+    assert all({a["examples"]: a["clipped"] for a in r["accepted"]}[4] for r in record["rounds"])
+    assert _change(final, start) <= 2 * bound * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("how", ["one", "all"])
+def test_nan_under_secagg_drops_the_round(how, caplog):
+    def nan(delta):
+        if how == "all":
+            return [np.full_like(d, np.nan) for d in delta]
+        delta[0] = delta[0].copy()
+        delta[0].flat[0] = np.nan
+        return delta
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=nan)]
+    with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
+        record, final, spec = _federate(_settings(min_available=3, secagg=True, secagg_clip=0.5, secagg_max_weight=16,
+                                                  clip=0.5), clients)
+    rnd = record["rounds"][0]
+    assert not rnd["applied"] and "round dropped" in rnd["note"] and "round dropped" in caplog.text
+    assert _close(final, to_arrays(_emulator(), spec), 0)
+
+
+def test_secagg_with_honest_clipped_clients_is_applied():
+    record, final, spec = _federate(_settings(secagg=True, secagg_clip=0.5, secagg_max_weight=16, clip=0.05),
+                                    [_honest(d) for d in DATA])
+    assert record["rounds_applied"] == 1
+    start = to_arrays(_emulator(), spec)
+    assert 0 < _change(final, start) <= 0.05 * _change(start, [0 * s for s in start]) * 1.01
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed-mean", "krum"])
+def test_each_aggregation_rule_runs_behind_the_checks(rule):
+    def nan(delta):
+        return [np.full_like(d, np.nan) for d in delta]
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), _honest(DATA[1]),
+               AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=nan)]
+    record, final, spec = _federate(_settings(min_available=4, aggregate=rule, clip=0.5), clients)
+    rnd = record["rounds"][0]
+    assert rnd["applied"] and len(rnd["accepted"]) == 3 and "NaN" in rnd["excluded"][0]["reason"]
+    assert not _close(final, to_arrays(_emulator(), spec), 1e-4)
+
+
+def test_robust_rules_resist_a_scaled_update_that_fedavg_lets_in():
+    def three_and(fourth):
+        return [_honest(DATA[0]), _honest(DATA[2]), _honest(DATA[1]), fourth]
+
+    moved = {}
+    for rule in ("fedavg", "median", "krum"):
+        _, honest, spec = _federate(_settings(min_available=4, aggregate=rule, clip=0), three_and(_honest(DATA[1])))
+        hostile = AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=lambda d: [x * -50 for x in d])
+        _, attacked, _ = _federate(_settings(min_available=4, aggregate=rule, clip=0), three_and(hostile))
+        moved[rule] = _change(attacked, honest) / _change(honest, to_arrays(_emulator(), spec))
+    assert moved["fedavg"] > 5 and moved["median"] < 1.5 and moved["krum"] < 1.5, moved
+
+
+def test_robust_rules_are_refused_under_secagg():
+    with pytest.raises(ValueError, match="fedavg only"):
+        FederationSettings(secagg=True, aggregate="median")
+
+
+def test_a_hanging_client_costs_one_timeout_and_is_named_once():
+    import time
+
+    def hang(delta):
+        time.sleep(12)
+        return delta
+
+    clients = [_honest(DATA[0]), _honest(DATA[2]), AdapterClient(_emulator(), tiny_tokenizer(), DATA[1], tamper=hang)]
+    t0 = time.monotonic()
+    record, _, _ = _federate(_settings(rounds=2, min_available=3, round_timeout=4), clients)
+    first, second = record["rounds"]
+    assert first["applied"] and sorted(a["examples"] for a in first["accepted"]) == [2, 6]
+    assert len(first["failures"]) == 1 and "no reply within 4 s" in first["failures"][0]
+    # Round 2 goes on with the two that remain (min_available holds round 1 only).
+    assert second["applied"] and len(second["accepted"]) == 2
+    assert time.monotonic() - t0 < 20  # it did not wait for the hanging client
+
+
+def test_default_round_timeout_is_minutes():
+    assert 60 <= FederationSettings().round_timeout <= 1800
+
+
+def test_a_node_the_superlink_reports_gone_is_one_named_failure(monkeypatch):
+    """A SuperLink answers for a node that is gone with an error reply from itself (node 0) that
+    names the message it answers: the failure is the node's, recorded once, with the reason."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from gradot.federated.runtime import LocalGrid
+
+    deliver = LocalGrid._deliver
+
+    def gone_node_2(self, msg):
+        if self.contexts[msg.metadata.dst_node_id].node_config["partition-id"] == 2:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return deliver(self, msg)
+
+    monkeypatch.setattr(LocalGrid, "_deliver", gone_node_2)
+    record, _, _ = _federate(_settings(min_available=3), [_honest(d) for d in DATA])
+    rnd = record["rounds"][0]
+    assert rnd["applied"] and len(rnd["accepted"]) == 2
+    assert len(rnd["failures"]) == 1 and "no reply" not in rnd["failures"][0]
+    assert "Node Unavailable" in rnd["failures"][0] and "node 0:" not in rnd["failures"][0]
+
+
+def test_max_change_refuses_the_aggregate_too():
+    """Under SecAgg+ no single update can be measured: --max-change then holds on the unmasked mean."""
+    record, final, spec = _federate(_settings(secagg=True, secagg_clip=0.5, secagg_max_weight=16, max_change=1e-6),
+                                    [_honest(d) for d in DATA])
+    rnd = record["rounds"][0]
+    assert not rnd["applied"] and "more than the allowed 1e-06x" in rnd["note"]
+    assert _close(final, to_arrays(_emulator(), spec), 0)

@@ -277,22 +277,34 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-steps", type=int_at_least(0, "an integer >= 0"), default=10,
                    help="optimizer steps each client runs per round (0: --local-epochs decide)")
     g.add_argument("--local-epochs", type=float, default=1.0, help="passes over its data per round when --local-steps is 0")
-    g.add_argument("--lr", type=float, default=1e-4, help="clients' learning rate (AdamW restarts every round)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="clients' learning rate (AdamW restarts every round; default: gradot finetune's, 3e-4)")
     g.add_argument("--train-batch-size", type=positive_int, default=8, help="examples per step")
     g.add_argument("--max-length", type=int_at_least(2, "an integer >= 2"), default=256, help="tokens per example")
     g.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")
     g.add_argument("--min-clients", type=positive_int, default=2,
                    help="quorum: a round with fewer accepted updates keeps the previous adapter")
-    g.add_argument("--round-timeout", type=float, default=3600.0,
-                   help="seconds the server waits for a round's replies (silent clients count as failed)")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds the server waits for a round's replies (silent clients count as failed; default "
+                        "600, 4-6x a measured round of the default model, see docs/federated.md)")
     g.add_argument("--secagg", action="store_true",
                    help="Flower's SecAgg+ (the server sees only the sum of the updates, never one client's)")
     g.add_argument("--secagg-clip", type=float, default=1.0,
                    help="SecAgg+ clipping range of each update value (updates are weight differences, ~1e-3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of local training (plus the round)")
     g.add_argument("--max-change", type=float, default=0.0,
-                   help="leave out an update that moves a tensor more than this many times its norm (0: only warn "
-                        "above 1, as plugin does)")
+                   help="leave out an update, and drop a round whose aggregate, moves a tensor more than this many "
+                        "times its norm (0: only warn above 1, as plugin does)")
+    g.add_argument("--clip", type=float, default=None,
+                   help="clip each client's update to this x the global adapter's L2 norm (Flower's fixed clipping; "
+                        "default 0.02, 5x an honest round of the default model, see docs/federated.md; 0: off)")
+    g.add_argument("--max-examples", type=int_at_least(0, "an integer >= 0"), default=None,
+                   help="refuse a client claiming more examples than this (simulate: default the largest share; "
+                        "app: default 0, no fixed cap)")
+    g.add_argument("--max-examples-ratio", type=float, default=None,
+                   help="refuse a client claiming more than this x the round's median count (default 4; 0: off)")
+    g.add_argument("--aggregate", choices=("fedavg", "median", "trimmed-mean", "krum"), default="fedavg",
+                   help="aggregation rule (Flower's FedAvg, FedMedian, FedTrimmedAvg, Krum); SecAgg+: fedavg only")
 
 
 def _add_federate(sub) -> None:

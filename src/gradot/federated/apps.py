@@ -2,10 +2,11 @@
 
 Server (model owner): holds the emulator's adapter (the global adapter, initially the original
 model's adapter layers), runs R rounds of FedAvg weighted by example counts (FedProx when
-``mu > 0``: the server side is FedAvg, the proximal term is in the clients' gradients), checks
-every reply (:func:`gradot.federated.core.check_update`) and leaves out, with a logged reason,
-any client that fails; a round with fewer accepted clients than the quorum keeps the previous
-adapter. At the end it writes the aggregate as an ordinary gradot adapter folder (``plug_in``
+``mu > 0``: the server side is FedAvg, the proximal term is in the clients' gradients; or another
+rule of :mod:`.robust`), checks every reply (:func:`gradot.federated.core.check_update`, then the
+example-count cap) and leaves out, with a logged reason, any client that fails, clips every
+update's norm, and applies an aggregate only once it passes its own checks; a round with fewer
+accepted clients than the quorum keeps the previous adapter. At the end it writes the aggregate as an ordinary gradot adapter folder (``plug_in``
 checks it like any other) and a ``federation.json`` record of every round.
 
 Client (data owner): receives the global adapter, checks it against its own emulator (the
@@ -48,6 +49,7 @@ from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
 from ..emulator import Emulator
+from ..finetune import default_learning_rate
 from .core import (
     AdapterSpec,
     UpdateRejected,
@@ -58,7 +60,15 @@ from .core import (
     largest_change,
     load_arrays,
     to_arrays,
-    weighted_mean,
+)
+from .robust import (
+    AGGREGATES,
+    aggregate_bound,
+    aggregate_updates,
+    check_secure_mean,
+    clip_update,
+    count_cap,
+    norm,
 )
 
 log = logging.getLogger(__name__)
@@ -83,18 +93,22 @@ class FederationSettings:
     rounds: int = 3
     local_steps: int = 10      # optimizer steps per client per round; 0: local_epochs decide
     local_epochs: float = 1.0
-    lr: float = 1e-4
+    lr: float = default_learning_rate(None)  # gradot finetune's rate for a data owner's adapter
     batch_size: int = 8
     max_length: int = 256
     mu: float = 0.0            # FedProx proximal weight; 0: FedAvg
     min_clients: int = 2       # quorum: fewer accepted updates and the round keeps the old adapter
     min_available: int = 2     # clients that must be connected before a round starts
-    round_timeout: float = 3600.0  # seconds the server waits for a round's replies
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies (docs/federated.md: sizing)
     secagg: bool = False
     secagg_clip: float = 1.0   # SecAgg+ clipping range of each (example-weighted) update value
     secagg_max_weight: float = 10000.0  # SecAgg+'s bound on one client's example count
     seed: int = 0
-    max_change: float = 0.0    # > 0: leave out an update moving a tensor more than this x its norm (0: warn above 1)
+    max_change: float = 0.0    # > 0: leave out an update (drop an aggregate) moving a tensor more than this x its norm
+    max_examples: int = 0      # > 0: refuse a client claiming more examples (under SecAgg+ also secagg_max_weight)
+    max_examples_ratio: float = 4.0  # > 0: refuse a count above this x the round's (low) median count
+    clip: float = 0.02         # > 0: clip each update's L2 norm to this x the global adapter's (0: no clipping)
+    aggregate: str = "fedavg"  # fedavg | median | trimmed-mean | krum (Flower's; SecAgg+: fedavg only)
 
     def __post_init__(self):
         def bad(name, why):
@@ -118,6 +132,18 @@ class FederationSettings:
             bad("round_timeout", "must be > 0")
         if self.max_change < 0:
             bad("max_change", "must be >= 0")
+        if self.max_examples < 0:
+            bad("max_examples", "must be >= 0 (0: no fixed cap)")
+        if self.max_examples_ratio and self.max_examples_ratio < 1:
+            bad("max_examples_ratio", "must be 0 (off) or >= 1")
+        if self.clip < 0:
+            bad("clip", "must be >= 0 (0: no clipping)")
+        if self.aggregate not in AGGREGATES:
+            bad("aggregate", f"must be one of {', '.join(AGGREGATES)}")
+        if self.secagg and self.aggregate != "fedavg":
+            bad("aggregate", "SecAgg+ hides the individual updates that a robust rule needs: fedavg only")
+        if self.secagg and self.secagg_max_weight <= 0:
+            bad("secagg_max_weight", "must be > 0")
 
     @classmethod
     def from_run_config(cls, config: dict) -> FederationSettings:
@@ -138,7 +164,8 @@ RUN_CONFIG = {"num-rounds": "rounds", "local-steps": "local_steps", "local-epoch
               "lr": "lr", "batch-size": "batch_size", "max-length": "max_length", "mu": "mu",
               "min-clients": "min_clients", "min-available": "min_available", "round-timeout": "round_timeout",
               "secagg": "secagg", "secagg-clip": "secagg_clip", "secagg-max-weight": "secagg_max_weight",
-              "seed": "seed", "max-change": "max_change"}
+              "seed": "seed", "max-change": "max_change", "max-examples": "max_examples",
+              "max-examples-ratio": "max_examples_ratio", "clip": "clip", "aggregate": "aggregate"}
 #: Node-config keys of a data owner's SuperNode (``flower-supernode --node-config``).
 NODE_CONFIG = ("emulator", "task", "data", "data-dir", "train-limit", "partition-id", "num-partitions",
                "partition", "alpha")
@@ -148,73 +175,112 @@ NODE_CONFIG = ("emulator", "task", "data", "data-dir", "train-limit", "partition
 # Server
 
 
-def _fit_config(spec: AdapterSpec, s: FederationSettings, server_round: int) -> dict[str, Any]:
+def _fit_config(spec: AdapterSpec, s: FederationSettings, server_round: int, clip_norm: float) -> dict[str, Any]:
     return {"round": server_round, "fingerprint": spec.fingerprint, "spec": spec.digest,
             "local-steps": s.local_steps, "local-epochs": float(s.local_epochs), "lr": float(s.lr),
             "batch-size": s.batch_size, "max-length": s.max_length, "mu": float(s.mu), "seed": s.seed,
-            "secagg-clip": float(s.secagg_clip)}
+            "secagg-clip": float(s.secagg_clip), "clip-norm": float(clip_norm)}
 
 
 class AdapterStrategy(FedAvg):
-    """FedAvg over adapter updates with gradot's checks; keeps a record of every round."""
+    """gradot's checks, then the count cap and clipping, then the aggregation rule, then the
+    aggregate's own checks; keeps a record of every round."""
 
     def __init__(self, spec: AdapterSpec, initial: list[np.ndarray], settings: FederationSettings):
         s = settings
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=s.min_clients,
                          min_evaluate_clients=0, min_available_clients=max(s.min_available, s.min_clients),
                          accept_failures=True, initial_parameters=ndarrays_to_parameters(initial),
-                         on_fit_config_fn=lambda rnd: _fit_config(spec, s, rnd))
+                         on_fit_config_fn=lambda rnd: _fit_config(spec, s, rnd, self.clip_norm))
         self.spec, self.settings = spec, s
         self.global_arrays = [a.copy() for a in initial]
         self.rounds: list[dict[str, Any]] = []
         self._started = time.perf_counter()
 
+    @property
+    def clip_norm(self) -> float:
+        """This round's bound on one update's L2 norm: ``clip × ‖global adapter‖`` (0: none)."""
+        return self.settings.clip * norm(self.global_arrays)
+
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         self.global_arrays = parameters_to_ndarrays(parameters)
         self._started = time.perf_counter()
+        if server_round > 1:
+            # min_available is what round 1 waits for; after it, a node that failed or went away must
+            # not hold later rounds (Flower would wait up to a day for it): the quorum is enough.
+            self.min_available_clients = self.min_fit_clients
         return super().configure_fit(server_round, parameters, client_manager)
 
+    def _leave_out(self, server_round, node, exc, excluded) -> None:
+        log.warning("round %s: client %s left out: %s", server_round, node, exc)
+        excluded.append({"node": str(node), "reason": str(exc)})
+
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
-        secagg = self.settings.secagg
-        accepted, excluded = [], []
+        s, secagg = self.settings, self.settings.secagg
+        bound = self.clip_norm
+        global_norm = norm(self.global_arrays)
+        excluded: list[dict] = []
+        checked = []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             try:
                 check_update(arrays, res.num_examples, dict(res.metrics), self.spec, check_values=not secagg)
+            except UpdateRejected as exc:
+                self._leave_out(server_round, proxy.node_id, exc, excluded)
+                continue
+            checked.append((proxy, res, arrays))
+        # The model owner bounds each client's weight: FedAvg weights by the claimed count.
+        cap = count_cap([r.num_examples for _, r, _ in checked], s.max_examples, s.max_examples_ratio)
+        if secagg:
+            cap = min(cap, s.secagg_max_weight)  # SecAgg+ itself assumes no count above it
+        accepted = []
+        for proxy, res, arrays in checked:
+            try:
+                if res.num_examples > cap:
+                    raise UpdateRejected(f"claims {res.num_examples} examples, above this round's cap of {cap:g} "
+                                         f"(--max-examples, --max-examples-ratio x the median count"
+                                         + (", --secagg-max-weight" if secagg else "") + ")")
+                entry = {"node": str(proxy.node_id), "examples": res.num_examples,
+                         "train_loss": res.metrics.get("train_loss"), "seconds": res.metrics.get("seconds")}
                 if not secagg:
                     self._check_change(server_round, proxy.node_id, arrays)
+                    arrays, before = clip_update(arrays, bound)
+                    entry["change"] = before / max(global_norm, 1e-12)
+                    entry["clipped"] = bool(bound and before > bound)
+                    if entry["clipped"]:
+                        log.warning("round %s: client %s's update (norm %.4g) clipped to %.4g", server_round,
+                                    proxy.node_id, before, bound)
             except UpdateRejected as exc:
-                log.warning("round %s: client %s left out: %s", server_round, proxy.node_id, exc)
-                excluded.append({"node": str(proxy.node_id), "reason": str(exc)})
+                self._leave_out(server_round, proxy.node_id, exc, excluded)
                 continue
-            accepted.append((proxy, res, arrays))
+            accepted.append((entry, res.num_examples, arrays))
         record = {
             "round": server_round,
-            "accepted": [{"node": str(p.node_id), "examples": r.num_examples,
-                          "train_loss": r.metrics.get("train_loss"), "seconds": r.metrics.get("seconds")}
-                         for p, r, _ in accepted],
+            "accepted": [e for e, _, _ in accepted],
             "excluded": excluded,
             "failures": [_failure_text(f) for f in failures],
+            "clip_norm": bound,
             "applied": False,
         }
         for f in record["failures"]:
             log.warning("round %s: a client failed: %s", server_round, f)
         new = None
-        if len(accepted) < self.settings.min_clients:
-            record["note"] = f"{len(accepted)} accepted update(s), quorum {self.settings.min_clients}: adapter kept"
+        if len(accepted) < s.min_clients:
+            record["note"] = f"{len(accepted)} accepted update(s), quorum {s.min_clients}: adapter kept"
         elif secagg and excluded:
             # The masked sum includes every client that took part; one cannot be taken back out.
             record["note"] = "a client failed the checks inside SecAgg+; its update is in the sum: round dropped"
-        elif secagg:
-            # SecAgg+ hands every result the same unmasked, example-weighted mean (as float64).
-            mean = [a.astype(dtype) for a, dtype in zip(accepted[0][2], self.spec.dtypes)]
-            try:
-                check_arrays(mean, self.spec, "aggregate")
-                new = apply_update(self.global_arrays, mean)
-            except UpdateRejected as exc:
-                record["note"] = f"the securely aggregated sum fails a check ({exc}): round dropped"
         else:
-            new = apply_update(self.global_arrays, weighted_mean([(a, r.num_examples) for _, r, a in accepted]))
+            try:
+                if secagg:
+                    # SecAgg+ hands every result the same unmasked, example-weighted mean (float64).
+                    mean = [np.asarray(a, np.float64) for a in accepted[0][2]]
+                    check_secure_mean(mean, bound, [n for _, n, _ in accepted], s.secagg_max_weight, s.secagg_clip)
+                else:
+                    mean = aggregate_updates([(a, n) for _, n, a in accepted], s.aggregate)
+                new = self._checked_aggregate(mean, bound)
+            except UpdateRejected as exc:
+                record["note"] = f"the aggregate fails a check ({exc}): round dropped"
         if "note" in record:
             log.warning("round %s: %s", server_round, record["note"])
         record["seconds"] = round(time.perf_counter() - self._started, 3)
@@ -225,6 +291,20 @@ class AdapterStrategy(FedAvg):
         self.global_arrays = new
         return ndarrays_to_parameters(new), {"accepted": len(accepted)}
 
+    def _checked_aggregate(self, mean: list[np.ndarray], bound: float) -> list[np.ndarray]:
+        """``global + mean`` once the mean is finite, within what clipping guarantees for the rule,
+        and (with ``max_change``) moves no tensor further than allowed; raises UpdateRejected."""
+        check_arrays([m.astype(d) for m, d in zip(mean, self.spec.dtypes)], self.spec, "aggregate")
+        limit = aggregate_bound("fedavg" if self.settings.secagg else self.settings.aggregate, bound)
+        if bound and not self.settings.secagg and norm(mean) > limit * (1 + 1e-6):
+            raise UpdateRejected(f"its norm {norm(mean):.4g} exceeds the {limit:.4g} clipping guarantees")
+        name, ratio = largest_change(mean, self.global_arrays, self.spec)
+        if self.settings.max_change and ratio > self.settings.max_change:
+            raise UpdateRejected(f"it moves {name} {ratio:.3g}x its norm, more than the allowed "
+                                 f"{self.settings.max_change:g}x")
+        new = apply_update(self.global_arrays, mean)
+        check_arrays(new, self.spec, "new global adapter")
+        return new
 
     def _check_change(self, server_round: int, node, update) -> None:
         """As ``plug_in --max-change``: refuse (with ``max_change``) or warn about an update that moves
@@ -316,15 +396,18 @@ def _timed_fit_workflow(timeout: float):
         out = [Message(content=compat.fitins_to_recorddict(ins, True), dst_node_id=proxy.node_id,
                        message_type=MessageType.TRAIN, group_id=str(rnd)) for proxy, ins in chosen]
         replies = list(grid.send_and_receive(out, timeout=timeout))
-        results, failures = [], []
+        # A reply names the message it answers; an error reply the SuperLink writes for a node that
+        # is gone may not name that node as its sender, so each reply is matched to its request.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in out}
+        results, failures, answered = [], [], set()
         for msg in replies:
+            nid = node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(nid)
             if msg.has_error():
-                failures.append(RuntimeError(f"node {msg.metadata.src_node_id}: {msg.error.reason}"))
+                failures.append(RuntimeError(f"node {nid}: {msg.error.reason}"))
                 continue
             res = compat.recorddict_to_fitres(msg.content, False)
-            proxy = proxies[msg.metadata.src_node_id]
-            (results if res.status.code == Code.OK else failures).append((proxy, res))
-        answered = {m.metadata.src_node_id for m in replies}
+            (results if res.status.code == Code.OK else failures).append((proxies[nid], res))
         failures += [TimeoutError(f"node {nid}: no reply within {timeout:g} s") for nid in proxies if nid not in answered]
         aggregated, metrics = context.strategy.aggregate_fit(rnd, results, failures)
         if aggregated is not None:
@@ -364,6 +447,7 @@ def run_federation(grid: Grid, context, emulator: Emulator, settings: Federation
     seconds = time.perf_counter() - t0
     for record, (down, up) in zip(strategy.rounds, rounds_bytes):
         record["bytes_sent"], record["bytes_received"] = down, up
+    check_arrays(strategy.global_arrays, spec, "final adapter")  # never write or plug a non-finite adapter
     load_arrays(emulator, spec, strategy.global_arrays)
     result = {
         "settings": asdict(settings),
@@ -456,6 +540,12 @@ class AdapterClient(NumPyClient):
                 self.emulator, stats = finetune_adapter(self.emulator, self.tokenizer, self.records, cfg)
         local = to_arrays(self.emulator, self.spec)
         delta = [loc - g for loc, g in zip(local, global_arrays)]
+        bound = float(config.get("clip-norm", 0.0))
+        if bound > 0:  # the server's clipping bound, applied here too: under SecAgg+ only the client can
+            clipped, before = clip_update(delta, bound)
+            if before > bound:
+                log.info("update norm %.4g clipped to the server's bound %.4g", before, bound)
+            delta = [c.astype(d.dtype) for c, d in zip(clipped, delta)]
         clip = float(config.get("secagg-clip", 0.0))
         biggest = max(float(np.abs(d).max()) for d in delta)
         if clip and biggest > clip:

@@ -20,9 +20,15 @@ from pathlib import Path
 def _settings(args, **extra):
     from .apps import FederationSettings
 
+    # Options left unset take FederationSettings' defaults (the lr: gradot finetune's rate).
+    for option, name in (("lr", "lr"), ("clip", "clip"), ("max_examples", "max_examples"),
+                         ("max_examples_ratio", "max_examples_ratio"), ("round_timeout", "round_timeout")):
+        if getattr(args, option, None) is not None:
+            extra[name] = getattr(args, option)
+    extra.setdefault("aggregate", getattr(args, "aggregate", "fedavg"))
     return FederationSettings(rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs,
-                              lr=args.lr, batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
-                              min_clients=args.min_clients, round_timeout=args.round_timeout, secagg=args.secagg,
+                              batch_size=args.train_batch_size, max_length=args.max_length, mu=args.mu,
+                              min_clients=args.min_clients, secagg=args.secagg,
                               secagg_clip=args.secagg_clip, seed=args.seed, max_change=args.max_change, **extra)
 
 
@@ -46,8 +52,10 @@ def cmd_simulate(args) -> int:
             "num-partitions": args.num_clients, "partition": args.partition, "alpha": args.alpha, "seed": args.seed}
     try:
         shares = [client_records({**conf, "partition-id": i}) for i in range(args.num_clients)]
-        settings = _settings(args, min_available=args.num_clients,
-                             secagg_max_weight=float(max(len(r) for r in shares)))
+        # The model owner split the data: no client may claim more than the largest share.
+        largest = max(len(r) for r in shares)
+        settings = _settings(args, min_available=args.num_clients, secagg_max_weight=float(largest),
+                             **({} if args.max_examples is not None else {"max_examples": largest}))
     except ValueError as exc:
         if type(exc) is not ValueError:
             raise

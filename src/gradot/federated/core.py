@@ -36,7 +36,6 @@ __all__ = [
     "largest_change",
     "load_arrays",
     "to_arrays",
-    "weighted_mean",
 ]
 
 
@@ -144,18 +143,6 @@ def largest_change(update: Sequence[np.ndarray], global_arrays: Sequence[np.ndar
         if r > ratio:
             worst, ratio = name, r
     return worst, ratio
-
-
-def weighted_mean(updates: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
-    """FedAvg: ``sum_i n_i u_i / sum_i n_i`` tensor by tensor, accumulated in float64."""
-    if not updates:
-        raise ValueError("no updates to average")
-    total = sum(n for _, n in updates)
-    out = [np.zeros(a.shape, np.float64) for a in updates[0][0]]
-    for arrays, n in updates:
-        for acc, a in zip(out, arrays):
-            acc += a.astype(np.float64) * (n / total)
-    return out
 
 
 def apply_update(global_arrays: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:

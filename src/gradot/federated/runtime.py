@@ -14,7 +14,9 @@ runtime (SuperLink + SuperNodes over gRPC) needs none of this.
 Nodes run one at a time (``ClientApp`` calls are sequential), which is what a 2-core machine can do
 anyway and lets the nodes share one emulator in memory (every client loads the global adapter
 before it trains). ``drop`` makes a node stop answering from a given call on (it "disconnects"),
-so tests can check that a round goes on without it.
+so tests can check that a round goes on without it. With a time limit (Flower's workflows pass the
+round timeout) each node gets that long for its reply; one that takes longer is left behind and
+treated as gone for the rest of the run.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class LocalGrid(Grid):
         self.drop = {ids[i]: n for i, n in (drop or {}).items()}
         self.answered = dict.fromkeys(ids, 0)
         self.replies: dict[str, Message] = {}
+        self.late: set[str] = set()  # messages whose reply came after the time limit
         self.lock = threading.Lock()
 
     # -- Grid interface ---------------------------------------------------------------------
@@ -92,7 +95,8 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            if not msg.metadata.message_id:  # send_and_receive may have named it already
+                msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             msg.metadata.__dict__["_run_id"] = self._run.run_id
             ids.append(msg.metadata.message_id)
             # Through Flower's wire format and back, as a SuperLink would carry it: the node gets its
@@ -102,7 +106,8 @@ class LocalGrid(Grid):
                 reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
                 reply = message_from_proto(message_to_proto(reply))
                 with self.lock:
-                    self.replies[msg.metadata.message_id] = reply
+                    if msg.metadata.message_id not in self.late:
+                        self.replies[msg.metadata.message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -110,9 +115,27 @@ class LocalGrid(Grid):
             return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        wanted = set(self.push_messages(list(messages)))
-        # Every reply there will be is ready once push_messages returns (nodes run inline); a
-        # silent node never answers, so waiting for it would only spend the timeout.
+        if timeout is None:
+            wanted = set(self.push_messages(list(messages)))
+            # Every reply there will be is ready once push_messages returns (nodes run inline); a
+            # silent node never answers, so waiting for it would only spend the timeout.
+            return self.pull_messages(wanted)
+        # With a time limit each node gets ``timeout`` seconds of its own (nodes run one after
+        # another here, at the same time in a deployment): a node still busy when its time is up is
+        # left behind, its late reply dropped, and it is treated as gone from then on.
+        wanted = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            done = threading.Event()
+            worker = threading.Thread(target=lambda m=msg: (self.push_messages([m]), done.set()), daemon=True)
+            worker.start()
+            if not done.wait(timeout):
+                nid = msg.metadata.dst_node_id
+                log.warning("node %s: no reply within %g s; treated as gone", nid, timeout)
+                with self.lock:
+                    self.drop[nid] = 0  # silent from now on; the late reply is discarded on arrival
+                    self.late.add(msg.metadata.message_id)
+            wanted.append(msg.metadata.message_id)
         return self.pull_messages(wanted)
 
     # -- delivery ---------------------------------------------------------------------------
