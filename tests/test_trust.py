@@ -1044,7 +1044,7 @@ def test_a_pruned_adapter_layer_is_refused(emulator_dir):
     m = read_manifest(emulator_dir)
     m["slots"][0]["channels"] = 3
     write_manifest(emulator_dir, m)
-    with pytest.raises(ArtifactError, match=r"slots\[0\] prunes an adapter layer") as exc:
+    with pytest.raises(ArtifactError, match=r"'slots\[0\].channels' is 3, expected 64, the MLP width config.json gives the layer \(an adapter layer is never pruned\)") as exc:
         load_emulator(emulator_dir)
     assert_clean(exc.value, emulator_dir)
 
@@ -1606,3 +1606,122 @@ def test_a_second_writer_of_the_same_out_is_refused_at_once(tiny_model_dir, tmp_
             out.mkdir()
             (out / "theirs.txt").write_text("theirs")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and leftovers(out) == []
+
+
+# --------------------------------------------------------------------------------------------- slot dimensions
+#
+# Every dimension a slot states is bounded by the widths the config gives its position, by the check
+# of the slot's kind, before a tensor is read.
+
+
+def _sparse_tensors(folder: Path, drop: tuple[str, ...], shapes: dict[str, list[int]]) -> None:
+    """Replace the tensors ``drop`` of emulator.safetensors by float32 zeros of ``shapes`` (stored
+    sparse), the header, listing and hash all consistent: only the loader's bounds can refuse."""
+    data = (folder / EMU).read_bytes()
+    n, head = header(data)
+    body, kept, new_body = data[8 + n:], {}, []
+    offset = 0
+    for key, spec in head.items():
+        if key == "__metadata__" or key in drop:
+            continue
+        start, end = spec["data_offsets"]
+        kept[key] = dict(spec, data_offsets=[offset, offset + end - start])
+        new_body.append(body[start:end])
+        offset += end - start
+    for key, shape in shapes.items():
+        size = 4 * shape[0] * shape[1]  # every shape here is a matrix
+        kept[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(kept).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / EMU, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(new_body))
+        f.truncate(8 + len(raw) + offset)
+    m = read_manifest(folder)
+    m["files"][EMU]["tensors"] = {k: {"dtype": "float32", "shape": v["shape"]} for k, v in kept.items()}
+    m["files"][EMU]["sha256"] = sha256_file(folder / EMU)
+    write_manifest(folder, m)
+
+
+def _huge_harmonizer(folder: Path, rank: int = 1 << 18, channels: int = 1 << 21) -> None:
+    """Slot 2 of the uniform emulator (layers 2 and 5 kept) made a ScaleOT harmonizer for layers 2-4
+    that claims ``rank`` on every attention linear and ``channels`` MLP channels, its tensors sparse zeros."""
+    m = read_manifest(folder)
+    listed = m["files"][EMU]["tensors"]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    shapes = {}
+    for name in attn:
+        out_f, in_f = listed[f"model.layers.2.self_attn.{name}.weight"]["shape"]
+        shapes[f"model.layers.2.self_attn.{name}.down.weight"] = [rank, in_f]
+        shapes[f"model.layers.2.self_attn.{name}.up.weight"] = [out_f, rank]
+    hidden = listed["model.layers.2.mlp.down_proj.weight"]["shape"][0]
+    shapes.update({"model.layers.2.mlp.gate_proj.weight": [channels, hidden],
+                   "model.layers.2.mlp.up_proj.weight": [channels, hidden],
+                   "model.layers.2.mlp.down_proj.weight": [hidden, channels]})
+    m["slots"][2].update(ranks={f"self_attn.{name}": rank for name in attn}, channels=channels, replaces=[2, 3, 4])
+    write_manifest(folder, m)
+    drop = tuple(f"model.layers.2.{part}.weight" for part in [f"self_attn.{name}" for name in attn]
+                 + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    _sparse_tensors(folder, drop, shapes)
+
+
+@pytest.mark.parametrize("kind,edit,message", [
+    # a kept layer (low-rank or pruned): channels and ranks within the config's widths
+    ("svd", lambda s: s[3].update(channels=1 << 21), "'slots[3].channels' is 2097152, expected 1 to 64 MLP channels"),
+    ("svd", lambda s: s[3].update(ranks={"self_attn.q_proj": 1 << 18}),
+     "'slots[3].ranks.self_attn.q_proj' is 262144, expected a rank of 1 to 32, min(out, in) of that linear"),
+    ("svd", lambda s: s[3].update(ranks={"self_attn": 4}), "'slots[3].ranks' is 'self_attn', expected one of the "
+                                                            "layer's linears"),
+    ("svd", lambda s: s[3].update(channels=16, ranks={"mlp.down_proj": 17}),  # bounded after the pruning
+     "'slots[3].ranks.mlp.down_proj' is 17, expected a rank of 1 to 16"),
+    # a harmonizer: no wider than the layer, a span that tiles the middle with the other slots
+    ("uniform", lambda s: s[2].update(replaces=[2, 3, 4], channels=65),
+     "'slots[2].channels' is 65, expected 1 to 64 MLP channels"),
+    ("svd", lambda s: s[3].update(replaces=[3, 4]), "'slots[3].replaces' is [3, 4], expected layers 3 to 3"),
+    ("uniform", lambda s: s[2].update(replaces=[2, 3, 4, 5]), "'slots[2].replaces' is [2, 3, 4, 5], expected "
+                                                               "layers 2 to 4"),
+    ("uniform", lambda s: s[2].update(replaces=[2, 3]), "'slots[2].replaces' is [2, 3], expected layers 2 to 4"),
+    # own-weight layers in order, each at most once; a shared position repeats its owner's layer
+    ("svd", lambda s: s[3].update(source=2), "'slots[3].source' is 2, expected original layers after 2"),
+    ("svd", lambda s: s[4].update(source=3), "'slots[4].source' is 3, expected original layers after 3"),
+    ("crash", lambda s: s[3].update(source=2), "'slots[3].source' is 2, expected 3, the source of position 2"),
+    ("crash", lambda s: s[3].update(channels=5), "'slots[3].channels' is 5, expected 64, the MLP channels of "
+                                                  "position 2"),
+    ("uniform", lambda s: s[5].update(channels=1 << 21), "'slots[5].channels' is 2097152, expected 64, the MLP "
+                                                          "width config.json gives the layer"),
+])
+def test_slot_dimensions_are_bounded_by_the_configs_widths(shipped, tmp_path, kind, edit, message):
+    folder = copy_of(shipped[1][kind], tmp_path / kind)
+    m = read_manifest(folder)
+    edit(m["slots"])
+    write_manifest(folder, m)
+    for check in (load_emulator, artifacts.verify):
+        with pytest.raises(ArtifactError, match=re.escape(message)) as exc:
+            with time_limit(20):
+                check(folder)
+        assert_clean(exc.value, folder)
+
+
+def test_a_huge_harmonizer_with_consistent_files_is_refused_before_a_tensor_is_read(shipped, tmp_path):
+    """The campaign's case: 2^21 channels and rank 2^18, manifest, header and hash consistent (1 GB of
+    sparse zeros): refused on every entry point in seconds, without the memory the tensors need."""
+    model, dirs = shipped
+    folder = copy_of(dirs["uniform"], tmp_path / "huge")
+    _huge_harmonizer(folder)
+    message = "'slots[2].channels' is 2097152, expected 1 to 64 MLP channels"
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        with time_limit(20):
+            load_emulator(folder)
+    overlap = copy_of(dirs["uniform"], tmp_path / "overlap")  # the harmonizer's span includes the next slot's layer
+    m = read_manifest(overlap)
+    m["slots"][2]["replaces"] = [2, 3, 4, 5]
+    write_manifest(overlap, m)
+    cases = {}
+    for label, folder, expected in (("huge", folder, message),
+                                    ("overlap", overlap, "'slots[2].replaces' is [2, 3, 4, 5], expected layers 2 to 4")):
+        cases[f"{label} (info)"] = (["info", folder], expected)
+        cases[f"{label} (eval)"] = (["eval", "--emulator", folder, "--tasks", "piqa", "--limit", "1", "--device", "cpu"],
+                                    expected)
+        cases[f"{label} (finetune)"] = (["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
+                                         "--max-steps", "1", "--out", tmp_path / f"{label}-out"], expected)
+    run_hostile(tmp_path, cases, seconds=30)

@@ -33,8 +33,9 @@ from ..emulator import assemble
 from ..errors import MethodConfigError
 from ..offload import onloaded, plain_copy
 from ..registry import arch_of, decoder_layers, get_module, linear_shape, set_module, weight_out_in
+from ..slot_kinds import Problem, SlotView, neighbours, register_slot_kind
 from ..split import Split
-from ..surgery import LowRankLinear, prune_mlp_channels, to_lowrank, unique_parameter_count
+from ..surgery import LowRankLinear, prune_mlp_channels, shape_problem, to_lowrank, unique_parameter_count
 from .base import Calibration, SimpleMethod, option
 from .distill import TrainOptions, train_emulator
 
@@ -167,6 +168,25 @@ def choose_replaced(pick, kept_cost: list[int], harm_cost: int, budget: float) -
         if cost <= budget:
             return rep
     return set(range(n))
+
+
+def _check_harmonizer_slot(view: SlotView) -> Problem | None:
+    """A harmonizer slot: no wider than the layer it replaces (each rank at most min(out, in) of its
+    linear, at most the MLP's channels), and its span exactly the original layers between its
+    neighbours' (replaced layers and kept ones tile the middle, each layer once)."""
+    slot = view.slot
+    problem = shape_problem(view.where, slot.ranks, slot.channels, view.widths[view.pos])
+    if problem is not None:
+        return problem
+    before, after = neighbours(view)
+    if slot.replaces != list(range(before + 1, after)):
+        return (f"{view.where}.replaces", slot.replaces,
+                f"layers {before + 1} to {after - 1}, the ones between the neighbouring slots' layers "
+                "(harmonizers and kept layers tile the middle, each layer once)")
+    return None
+
+
+register_slot_kind("harmonizer", _check_harmonizer_slot, matches=lambda slot: slot.replaces is not None)
 
 
 # ---------------------------------------------------------------------------------------------
