@@ -1502,24 +1502,42 @@ def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_
     run_hostile(tmp_path, cases)
 
 
-def test_absurd_adapter_values_warn_or_are_refused(shipped, adapter_dir, tmp_path, caplog, capsys):
-    model, _ = shipped
-    key = "model.layers.7.mlp.down_proj.weight"
-    _retype(adapter_dir, ADA, key, torch.full((32, 64), 3e38))  # finite, and no fine-tuning goes there
-    with caplog.at_level("WARNING", logger="gradot.artifacts"):
-        plug_in(copy.deepcopy(model), adapter_dir)
-    assert f"{key} moved" in caplog.text and "no plausible fine-tuning" in caplog.text
-    with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 10x") as exc:
-        plug_in(copy.deepcopy(model), adapter_dir, max_change=10)
-    assert_clean(exc.value, adapter_dir)
+def test_absurd_adapters_are_refused_by_default(shipped, adapter_dir, tmp_path, caplog, capsys):
+    model, dirs = shipped
+    key = "model.layers.7.mlp.gate_proj.weight"
+    _retype(adapter_dir, ADA, key, torch.full((64, 32), 3e38))  # finite, and no fine-tuning goes there
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for plug in (lambda **kw: plug_in(model, adapter_dir, **kw),
+                 lambda **kw: artifacts.plug_into_emulator(load_emulator(dirs["uniform"]), adapter_dir, **kw)):
+        with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 1x") as exc:
+            plug()
+        assert_clean(exc.value, adapter_dir)
+        with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 10x"):
+            plug(max_change=10)
+        # With the bound off, the plugged model's logits overflow: refused by the probe, the model untouched.
+        with pytest.raises(ArtifactError, match="gives non-finite logits on a 16-token probe") as exc:
+            plug(max_change=0)
+        assert_clean(exc.value, adapter_dir)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out", tmp_path / "p",
-                           "--max-change", "10")
-    assert_one_line(code, err, "more than the allowed 10x")
+    for extra, message in (([], "more than the allowed 1x"), (["--max-change", "10"], "more than the allowed 10x"),
+                           (["--max-change", "0"], "non-finite logits")):
+        code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out",
+                               tmp_path / "p", *extra)
+        assert_one_line(code, err, message)
+        assert not (tmp_path / "p").exists()
+        code, _, err = run_cli(capsys, "eval", "--emulator", dirs["uniform"], "--adapter", adapter_dir, "--tasks",
+                               "piqa", "--limit", "1", "--device", "cpu", *extra)
+        assert_one_line(code, err, message)
+    # With the bound off, a large but finite move is plugged with a warning.
+    _retype(adapter_dir, ADA, key, torch.full((64, 32), 1.0))
+    with caplog.at_level("WARNING", logger="gradot.artifacts"):
+        plug_in(copy.deepcopy(model), adapter_dir, max_change=0)
+    assert f"{key} moved" in caplog.text and "no plausible fine-tuning" in caplog.text
     # An ordinary fine-tuning step stays far below the bound.
-    emu = load_emulator(shipped[1]["uniform"])
+    emu = load_emulator(dirs["uniform"])
     with torch.no_grad():
         for p in emu.adapter_parameters():
             p.mul_(1.05)
@@ -1527,7 +1545,17 @@ def test_absurd_adapter_values_warn_or_are_refused(shipped, adapter_dir, tmp_pat
     caplog.clear()
     with caplog.at_level("WARNING", logger="gradot.artifacts"):
         plug_in(copy.deepcopy(model), tmp_path / "tuned", max_change=0.1)
+        plug_in(copy.deepcopy(model), tmp_path / "tuned")
     assert "moved" not in caplog.text
+
+
+def test_the_change_bound_is_one_function_the_federation_can_share():
+    assert artifacts.DEFAULT_MAX_CHANGE > 0
+    assert artifacts.change_refusal("w", 0.5) is None
+    assert artifacts.change_refusal("w", 3.0, max_change=0) is None and artifacts.change_refusal("w", 3.0, None) is None
+    line = artifacts.change_refusal("w", 1.5e40)
+    assert "w moved 1.5e+40x its original norm, more than the allowed 1x" in line and "\n" not in line
+    assert artifacts.relative_change(torch.full((3,), 2.0), torch.ones(3)) == pytest.approx(1.0)
 
 
 def test_error_lines_escape_control_characters_from_tensor_names(shipped, adapter_dir, tmp_path, capsys):
