@@ -1479,6 +1479,24 @@ TOKENIZER_ATTACKS = {
     "expanding normalizer": (
         lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 300_000}),
         "inserts 300,000 characters"),
+    # 22 chained replacements of a letter no fixed probe text holds: 2^22 characters of one
+    "22 chained replacements": (
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "q"}, "content": "qq"} for _ in range(22)]}),
+        "the normalizer chains 22 rules (at most 16)"),
+    "8 chained quadruplings": (
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "q"}, "content": "qqqq"} for _ in range(8)]}),
+        "can make up to 65,536 characters of one (at most 256)"),
+    "regex replacements": (  # a regex may match the empty string: an insertion before every character
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"Regex": "q?"}, "content": "xyz"} for _ in range(5)]}),
+        "can make up to 1,024 characters of one (at most 256)"),
+    # a split regex that does not panic but runs for minutes on long words (quadratic backtracking)
+    "slow split regex": (
+        lambda t: t.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\\w*(?=\\d)"},
+                                          "behavior": "Isolated", "invert": False}),
+        "took over 10 s of CPU time on the probe texts"),
     "200k added tokens": (
         lambda t: t["added_tokens"].extend({"id": 3 + i % 100, "content": f"<t{i}>", "single_word": False,
                                             "lstrip": False, "rstrip": False, "normalized": False, "special": False}
@@ -1487,8 +1505,9 @@ TOKENIZER_ATTACKS = {
 }
 
 
-def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_path):
+def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_path, monkeypatch):
     _, dirs = shipped
+    monkeypatch.setenv("GRADOT_CACHE", str(tmp_path / "cache"))  # the probe's verdicts: judged afresh here
     cases = {}
     for label, (edit, message) in TOKENIZER_ATTACKS.items():
         folder = copy_of(dirs["uniform"], tmp_path / label.replace(" ", "_"))
@@ -1500,6 +1519,61 @@ def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_
         cases[f"{label} (finetune)"] = (["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
                                          "--max-steps", "1", "--out", tmp_path / f"{label}-out"], message)
     run_hostile(tmp_path, cases)
+
+
+def test_the_probes_verdict_is_cached_per_tokenizer(shipped, tmp_path, monkeypatch):
+    from gradot.artifacts import tokenizer as shipped_tokenizer
+
+    _, dirs = shipped
+    monkeypatch.setenv("GRADOT_CACHE", str(tmp_path / "cache"))
+    slow = copy_of(dirs["uniform"], tmp_path / "slow")
+    _edit_tokenizer(slow, TOKENIZER_ATTACKS["slow split regex"][0])
+    honest = copy_of(dirs["uniform"], tmp_path / "honest")
+    probes = []
+    real = shipped_tokenizer._run_probe
+    monkeypatch.setattr(shipped_tokenizer, "_run_probe", lambda *a: probes.append(a) or real(*a))
+    for _ in range(2):
+        with pytest.raises(ArtifactError, match="took over 10 s of CPU time") as exc:
+            load_emulator_tokenizer(slow)
+        assert_clean(exc.value, slow)
+        load_emulator_tokenizer(honest)("the cat sat on the mat")
+    assert len(probes) == 2  # each tokenizer probed once, then judged by its cached verdict
+    copy_of(dirs["uniform"], tmp_path / "elsewhere")  # the same files in another folder: the same verdict
+    load_emulator_tokenizer(tmp_path / "elsewhere")
+    assert len(probes) == 2
+    _edit_tokenizer(honest, lambda t: t["model"]["vocab"].update({"zz": 127}))  # another tokenizer: probed
+    load_emulator_tokenizer(honest)
+    assert len(probes) == 3
+
+
+def test_every_tokenization_is_capped_in_tokens_per_character():
+    from gradot.errors import TokenCapError
+    from gradot.finetune import FinetuneDataset
+    from gradot.scorer import FastHFLM
+
+    class Expanding:  # a tokenizer that makes 100 tokens of every character
+        bos_token_id = eos_token_id = 0
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [5] * (100 * len(text))}
+
+        def encode(self, text, **kwargs):
+            return self(text)["input_ids"]
+
+        def decode(self, ids):
+            return ""
+
+    for records, message in (([("Question: a", " b")], "record 0: 1,300 tokens of 13 characters, more than the 120"),
+                             (["the cat sat"], "record 0: 1,100 tokens of 11 characters, more than the 104")):
+        with pytest.raises(TokenCapError, match=message) as exc:
+            FinetuneDataset(Expanding(), records)
+        assert "\n" not in str(exc.value)
+    lm = FastHFLM.__new__(FastHFLM)
+    lm.tokenizer, lm.add_bos_token, lm.custom_prefix_token_id = Expanding(), False, 0
+    with pytest.raises(TokenCapError, match="an evaluation request: 400 tokens of 4 characters, more than the 48"):
+        lm.tok_encode("abcd")
+    honest = FinetuneDataset(tiny_tokenizer(), [("the cat", " sat")])
+    assert len(honest) == 1
 
 
 def test_absurd_adapters_are_refused_by_default(shipped, adapter_dir, tmp_path, caplog, capsys):
