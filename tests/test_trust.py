@@ -1827,3 +1827,22 @@ def test_a_huge_harmonizer_with_consistent_files_is_refused_before_a_tensor_is_r
         cases[f"{label} (finetune)"] = (["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
                                          "--max-steps", "1", "--out", tmp_path / f"{label}-out"], expected)
     run_hostile(tmp_path, cases, seconds=30)
+
+
+def test_info_shortens_long_values_and_json_keeps_them_whole(shipped, emulator_dir, adapter_dir, capsys):
+    long = "x" * 3_500_000
+    m = read_manifest(emulator_dir)
+    m["settings"] = {"note": long, **{f"k{i}": i for i in range(100)}}
+    write_manifest(emulator_dir, m)
+    a = read_manifest(adapter_dir)
+    a["training"] = {"note": long, "steps": list(range(10_000))}
+    write_manifest(adapter_dir, a)
+    for folder in (emulator_dir, adapter_dir):
+        code, out, _ = run_cli(capsys, "info", folder)
+        assert code == 0
+        assert "\n  note: " + "x" * 232 + "… (3,499,768 more characters)\n" in out  # the line cut at 240
+        assert max(len(line) for line in out.splitlines()) < 300
+        code, out, _ = run_cli(capsys, "info", folder, "--json")
+        assert code == 0 and long in out
+    code, out, _ = run_cli(capsys, "info", emulator_dir)
+    assert "… (61 more entries)" in out and "k38: 38" in out and "k39" not in out
