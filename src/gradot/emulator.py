@@ -49,7 +49,7 @@ def _check_adapter_slot(view: SlotView) -> Problem | None:
     return None
 
 
-register_slot_kind("adapter", _check_adapter_slot, matches=lambda slot: slot.role == "adapter")
+ADAPTER_SLOT = register_slot_kind("adapter", _check_adapter_slot, matches=lambda slot: slot.role == "adapter")
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .artifacts.tokenizer import check_token_count
+from .token_cap import check_token_count
 from .errors import TokenCapError
 from .head_loss import CHUNK_ELEMENTS, SkipHead
 

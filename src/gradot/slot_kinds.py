@@ -1,7 +1,7 @@
 """Bounds on an emulator's slots: one check per kind of slot, registered next to the code that
 builds that kind (``surgery``: kept layers, low-rank or pruned; ``emulator``: adapter layers;
-``methods.crash``: shared positions; ``methods.scaleot``: harmonizers), so that a new method
-brings its own bounds.
+``methods.crash``: shared positions; ``methods.harmonizers``: ScaleOT's harmonizers), so that a new
+kind of slot brings its own bounds (``artifacts.emulator_io`` imports the modules that register one).
 
 A check sees one slot with the widths the base config gives its position (each linear's
 ``(out, in)`` and the MLP's channels, read off the architecture built on the meta device) and the
@@ -68,8 +68,11 @@ SLOT_KINDS: dict[str, SlotKind] = {}
 
 
 def register_slot_kind(name: str, check: Callable[[SlotView], Problem | None],
-                       matches: Callable[[Any], bool] | None = None) -> None:
-    SLOT_KINDS[name] = SlotKind(name, matches, check)
+                       matches: Callable[[Any], bool] | None = None) -> SlotKind:
+    """Add a kind of slot: ``check`` bounds the slots ``matches`` claims (None: every slot no other
+    kind claims). The module that builds the kind registers it."""
+    SLOT_KINDS[name] = kind = SlotKind(name, matches, check)
+    return kind
 
 
 def kind_of(slot) -> SlotKind:

@@ -159,7 +159,7 @@ def _check_layer_slot(view: SlotView) -> Problem | None:
     return shape_problem(view.where, view.slot.ranks, view.slot.channels, view.widths[view.pos])
 
 
-register_slot_kind("layer", _check_layer_slot)  # every slot no other kind claims
+LAYER_SLOT = register_slot_kind("layer", _check_layer_slot)  # every slot no other kind claims
 
 
 def layer_shapes(layer: nn.Module, arch: ArchSpec) -> tuple[dict[str, int], int]:

@@ -47,9 +47,10 @@ PLAUSIBLE_CHANGE = 1.0
 
 #: The default bound on that relative change: an adapter (or a federated update) with a tensor moved
 #: further is refused (``max_change``; ``--max-change``; 0 or None turn the bound off). Honest
-#: fine-tuning at the default recipes moves adapter tensors far less (docs/privacy.md gives the
-#: measured range).
-DEFAULT_MAX_CHANGE = 1.0
+#: fine-tuning of the default model moves adapter tensors by about 0.05 at the default recipe; the
+#: largest honest change measured anywhere is 3.7, a near-zero bias of a random tiny test model
+#: trained at a high learning rate (docs/privacy.md, results/adapter-change/).
+DEFAULT_MAX_CHANGE = 10.0
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:

@@ -65,7 +65,10 @@ def _config_field_error() -> type[Exception]:
 def _check_slot_bounds(folder: Path, layers, arch, slots: list[Slot], middle: range) -> None:
     """Every slot's stated shapes and span against the widths the config gives its position (the
     layers as built from the config alone, on the meta device), by the check of the slot's kind."""
-    from .. import methods  # noqa: F401  (each method registers the bounds of the slots it builds)
+    # The modules building the kinds of slots beyond kept and adapter layers register their bounds
+    # when imported (those modules only: the methods package as a whole imports this one back).
+    from ..methods.crash import SHARED_SLOT  # noqa: F401
+    from ..methods.harmonizers import HARMONIZER_SLOT  # noqa: F401
 
     problem = check_slots(slots, [layer_widths(layer, arch) for layer in layers], middle)
     if problem is not None:

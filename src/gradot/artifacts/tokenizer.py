@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import ArtifactError, TokenCapError
+from ..errors import ArtifactError
+from ..token_cap import MAX_TOKENS_PER_CHAR
 from .emulator_io import read_config
 from .files import CONFIG_FILE, EMULATOR_FILE, MANIFEST, MAX_SMALL_FILE_BYTES, _check_hash, _parse_json, _read_bounded, _short, _why, logger
 from .manifest import read_manifest
@@ -107,24 +108,6 @@ PROBE_PER_CLASS, PROBE_RUN = 8, 2_000
 #: The probe's limits: CPU seconds (the verdict does not depend on how busy the machine is), wall
 #: seconds (a backstop), address space.
 PROBE_CPU_SECONDS, PROBE_SECONDS, PROBE_MEMORY = 10, 60, 2 << 30
-
-
-MAX_TOKENS_PER_CHAR = 8  # byte-level BPE: at most 4 per code point
-
-
-#: Tokens a text may encode to beyond MAX_TOKENS_PER_CHAR per character (special tokens, a prefix).
-TOKEN_SLACK = 16
-
-
-def check_token_count(count: int, text: str, what: str) -> None:
-    """The hard cap on tokens per encoded text, applied wherever gradot tokenizes (fine-tuning rows,
-    evaluation requests): ``count`` tokens of ``text`` may be at most MAX_TOKENS_PER_CHAR per
-    character plus TOKEN_SLACK; more is refused in one line (``what`` names the text)."""
-    cap = MAX_TOKENS_PER_CHAR * len(text) + TOKEN_SLACK
-    if count > cap:
-        raise TokenCapError(f"{what}: {count:,} tokens of {len(text):,} characters, more than the {cap:,} any text "
-                            f"may encode to ({MAX_TOKENS_PER_CHAR} per character plus {TOKEN_SLACK}): the tokenizer "
-                            f"expands text")
 
 
 #: Bumped whenever the probe changes: cached verdicts of an older probe are not reused.

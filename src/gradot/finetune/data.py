@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts.tokenizer import check_token_count
+from ..token_cap import check_token_count
 
 
 def encode_pair(tokenizer, prompt: str, continuation: str, what: str = "a training example") -> tuple[list[int], list[int]]:

@@ -130,7 +130,7 @@ def _check_shared_slot(view: SlotView) -> Problem | None:
     return None
 
 
-register_slot_kind("shared", _check_shared_slot, matches=lambda slot: slot.shares is not None)
+SHARED_SLOT = register_slot_kind("shared", _check_shared_slot, matches=lambda slot: slot.shares is not None)
 
 
 def _build(model: nn.Module, split: Split, config: MethodConfig, calibration: Calibration) -> Emulator:
