@@ -44,20 +44,24 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--adapters", nargs="+", required=True)
     p.add_argument("--out", default="results/adapter-change")
+    p.add_argument("--note", default="", help="how the adapters were made (the commands), for the report")
     args = p.parse_args()
     model, _ = load_model(args.model)
     rows = [changes(model, Path(folder)) for folder in args.adapters]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "default_bound": DEFAULT_MAX_CHANGE}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "default_bound": DEFAULT_MAX_CHANGE,
+            "note": args.note}
     (out / "adapter_change.json").write_text(json.dumps({**meta, "adapters": rows}, indent=1))
     lines = ["# How far honest fine-tuning moves adapter tensors", "",
              f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date {meta['date']}; machine: {meta['machine']}  ",
              f"Model: {args.model}. Relative change ‖new − original‖ / ‖original‖ of each adapter tensor against the "
-             f"model's own layer; the default plug-in bound is {DEFAULT_MAX_CHANGE:g}.", "",
-             "| adapter | task | lr | steps | largest change | tensor | median | largest per kind |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"model's own layer; the default plug-in bound is {DEFAULT_MAX_CHANGE:g}.", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["| adapter | task | lr | steps | largest change | tensor | median | largest per kind |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["training"]
         cfg = t.get("config", {}) if isinstance(t.get("config"), dict) else {}
