@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,12 @@ def main() -> None:
     rows = [changes(model, Path(folder)) for folder in args.adapters]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
+    meta = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "default_bound": DEFAULT_MAX_CHANGE,
             "note": args.note}
     (out / "adapter_change.json").write_text(json.dumps({**meta, "adapters": rows}, indent=1))
     lines = ["# How far honest fine-tuning moves adapter tensors", "",
-             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}; date {meta['date']}; machine: {meta['machine']}  ",
+             "Command:", "", "```", meta["command"], "```", "", f"Commit: {meta['commit']}; date {meta['date']}; machine: {meta['machine']}  ",
              f"Model: {args.model}. Relative change ‖new − original‖ / ‖original‖ of each adapter tensor against the "
              f"model's own layer; the default plug-in bound is {DEFAULT_MAX_CHANGE:g}.", ""]
     if args.note:
