@@ -152,7 +152,7 @@ def membership(model, tok, split, args, folder: Path) -> dict:
                              batch_size=8, max_length=256, save_total_limit=1, logging_steps=5)
         emu, stats = finetune_adapter(emu, tok, members, cfg)
         save_adapter(emu, folder / f"adapter-{epochs}", overwrite=True)
-        plugged = plug_in(copy.deepcopy(model), folder / f"adapter-{epochs}")
+        plugged = plug_in(copy.deepcopy(model), folder / f"adapter-{epochs}", max_change=0)  # its own adapter
         m, h = row_losses(plugged, tok, members), row_losses(plugged, tok, held_back)
         entry = {"epochs": epochs, "steps": stats["steps"], "train_loss": stats["train_loss"], "auc": auc(m, h),
                  "member_loss": sum(m) / len(m), "held_back_loss": sum(h) / len(h)}

@@ -2,7 +2,8 @@
 use, every refusal is one clear line naming the file, nothing is ever unpickled, a failed command
 leaves the disk as it was, and bad command-line input gets exit code 2 and one line.
 
-The fuzz test corrupts manifests, safetensors files and configs at random (seeded and bounded:
+The fuzz test corrupts manifests (slot dimensions and spans included), safetensors files, configs
+and tokenizers (normalizer and pre-tokenizer chains included) at random (seeded and bounded:
 ``GRADOT_FUZZ_CASES`` cases, default 150, each with a time limit) and requires an ``ArtifactError``
 every time (or, for the few corruptions that leave the artifact valid, a usable result), never
 another exception type and never a hang.
@@ -208,9 +209,11 @@ def required_paths(m: dict, kind: str, rng) -> list[tuple]:
 def corrupt_manifest(folder: Path, kind: str, rng) -> tuple[str, bool]:
     m = read_manifest(folder)
     family = rng.choice(["delete", "type", "huge", "ranks", "shares", "traversal", "version", "garbage", "free",
-                         "type", "delete"])
+                         "type", "delete", "dimensions", "dimensions"])
     if family == "ranks" and kind != "svd":
         family = "type"
+    if family == "dimensions" and kind == "adapter":
+        family = "huge"
     if family == "shares" and kind == "adapter":
         family = "huge"
     must = True
@@ -236,6 +239,8 @@ def corrupt_manifest(folder: Path, kind: str, rng) -> tuple[str, bool]:
         name = rng.choice(sorted(slot["ranks"]))
         slot["ranks"][name] = value = rng.choice([-5, -1, 0, 10**30, 10**6])
         desc = f"rank of {name} = {value}"
+    elif family == "dimensions":
+        desc = corrupt_slot_dimensions(m, rng)
     elif family == "shares":
         n = len(m["slots"])
         pos = rng.randrange(2, n - 2)
@@ -278,6 +283,64 @@ def corrupt_manifest(folder: Path, kind: str, rng) -> tuple[str, bool]:
         must = False
     write_manifest(folder, m)
     return f"manifest {family}: {desc}", must
+
+
+#: Beyond every width of the tiny Llama (hidden 32, MLP 64): a rank above min(out, in) of any of its
+#: linears, more channels than its MLP has.
+_TOO_WIDE = {"rank": (33, 2**18, 10**6), "channels": (65, 2**21, 10**6)}
+
+
+def corrupt_slot_dimensions(m: dict, rng) -> str:
+    """A slot stating a dimension beyond the config's widths, a harmonizer span overlapping the next
+    slot's layer, or a middle layer shipped twice: each must be refused."""
+    slots = m["slots"]
+    k = m["adapter"]["k"]
+    middle = [pos for pos in range(k, len(slots) - k) if slots[pos].get("shares") is None]
+    pos = rng.choice(middle)
+    slot = slots[pos]
+    later = [p for p in middle if p > pos]
+    what = rng.choice(["channels", "rank", "rank", "harmonizer", "span", "source"])
+    if what == "channels":
+        slot["channels"] = value = rng.choice(_TOO_WIDE["channels"])
+        return f"slots[{pos}].channels = {value}"
+    if what in ("rank", "harmonizer"):
+        name = rng.choice(["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj", "mlp.up_proj"])
+        slot.setdefault("ranks", {})[name] = value = rng.choice(_TOO_WIDE["rank"])
+        if what == "harmonizer":  # a harmonizer claiming the campaign's widths
+            slot["channels"] = rng.choice(_TOO_WIDE["channels"])
+            slot["replaces"] = [slot["source"]]
+        return f"slots[{pos}] ({what}) rank of {name} = {value}"
+    if what == "span" and later:  # a harmonizer span reaching the next own-weight slot's layer
+        slot["replaces"] = list(range(slot["source"], slots[later[0]]["source"] + 1))
+        return f"slots[{pos}].replaces = {slot['replaces']}"
+    if later:  # the next own-weight slot ships this slot's layer again
+        slots[later[0]]["source"] = slot["source"]
+        return f"slots[{later[0]}].source = {slot['source']} (as slots[{pos}])"
+    slot["channels"] = 2**21
+    return f"slots[{pos}].channels = {2**21}"
+
+
+def corrupt_tokenizer_chain(folder: Path, rng) -> tuple[str, bool]:
+    """A random normalizer or pre-tokenizer chain: refused by the static bounds or the probe, or, when
+    its growth is modest, loaded and usable; never a traceback, a hang or a blow-up."""
+    def replace():
+        content = "".join(rng.choice("qxé中 ") for _ in range(rng.randint(0, 8)))
+        pattern = ({"String": rng.choice("qaxé ")} if rng.random() < 0.6
+                   else {"Regex": rng.choice(["q", "q?", "[a-z]", "\\s+"])})
+        return {"type": "Replace", "pattern": pattern, "content": content}
+
+    normalizers = [replace, lambda: {"type": "NFKC"}, lambda: {"type": "Lowercase"}, lambda: {"type": "NFD"},
+                   lambda: {"type": "Prepend", "prepend": "_"}, lambda: {"type": "Strip", "left": True, "right": True}]
+    pre_tokenizers = [lambda: {"type": "Whitespace"}, lambda: {"type": "Digits", "individual_digits": True},
+                      lambda: {"type": "Punctuation", "behavior": "Isolated"},
+                      lambda: {"type": "Split", "pattern": {"Regex": rng.choice(["\\s+", "[a-z]+", "\\d"])},
+                               "behavior": "Isolated", "invert": False}]
+    part = rng.choice(["normalizer", "pre_tokenizer"])
+    count = rng.choice([1, 2, 3, 5, 8, 17, 22, 40])
+    rules = [rng.choice(normalizers if part == "normalizer" else pre_tokenizers)() for _ in range(count)]
+    key = "normalizers" if part == "normalizer" else "pretokenizers"
+    _edit_tokenizer(folder, lambda t: t.update({part: {"type": "Sequence", key: rules}}))
+    return f"tokenizer {part} chain of {count} rules", count > 16
 
 
 def corrupt_safetensors(folder: Path, name: str, rng) -> tuple[str, bool]:
@@ -445,7 +508,8 @@ def corrupt_split_claim(folder: Path, model, rng) -> tuple[str, bool]:
 
 
 def corrupt_tokenizer_attack(folder: Path, rng) -> tuple[str, bool]:
-    label = rng.choice(sorted(TOKENIZER_ATTACKS))
+    # the slow regex spends the probe's 10 CPU seconds: tested on its own, not repeated here
+    label = rng.choice(sorted(set(TOKENIZER_ATTACKS) - {"slow split regex"}))
     _edit_tokenizer(folder, TOKENIZER_ATTACKS[label][0])
     return f"tokenizer attack: {label}", True
 
@@ -456,8 +520,9 @@ FUZZ_SEED = int(os.environ.get("GRADOT_FUZZ_SEED", "20251122"))
 FUZZ_MEMORY_MB = 1024
 
 
-def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsys):
+def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsys, monkeypatch):
     model, dirs = shipped
+    monkeypatch.setenv("GRADOT_CACHE", str(tmp_path / "cache"))  # the tokenizer probe's verdicts
     rng = random.Random(FUZZ_SEED)
     tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     failures, refused, loaded = [], 0, 0
@@ -467,7 +532,7 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
         folder = copy_of(dirs[kind], tmp_path / f"case{case}")
         target = rng.choice(["manifest", "manifest", "tensors", "tensors", "file type", "big number"]
                             + (["config"] if kind != "adapter" else []) + (["split claim"] if kind == "adapter" else [])
-                            + (["tokenizer", "tokenizer attack"] if kind == "uniform" else []))
+                            + (["tokenizer", "tokenizer attack", "tokenizer chain"] if kind == "uniform" else []))
         if target == "file type":
             desc, must = corrupt_file_type(folder, kind, rng)
         elif target == "big number":
@@ -476,6 +541,8 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
             desc, must = corrupt_split_claim(folder, model, rng)
         elif target == "tokenizer attack":
             desc, must = corrupt_tokenizer_attack(folder, rng)
+        elif target == "tokenizer chain":
+            desc, must = corrupt_tokenizer_chain(folder, rng)
         elif target == "manifest":
             desc, must = corrupt_manifest(folder, kind, rng)
         elif target == "tensors":
@@ -486,7 +553,7 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
             desc, must = corrupt_tokenizer(folder, rng)
         label = f"case {case} ({kind}) {desc}"
         try:
-            with time_limit(20):
+            with time_limit(60 if target.startswith("tokenizer") else 20):  # the probe: up to 10 s of CPU
                 result = load(model, kind, folder)
                 if kind != "adapter":
                     with torch.no_grad():
@@ -507,7 +574,8 @@ def test_fuzzed_artifacts_always_end_in_a_clean_refusal(shipped, tmp_path, capsy
                 code = main(["info", str(folder)])
             err = capsys.readouterr().err
             # info reads no weight values and knows no model: it may pass what only loading refuses
-            info_must = must and target not in ("split claim", "tokenizer attack") and " nan:" not in desc
+            info_must = (must and target not in ("split claim", "tokenizer attack", "tokenizer chain")
+                         and " nan:" not in desc)
             if code not in (0, 2) or (code == 2 and err.count("\n") != 1) or (info_must and code == 0):
                 failures.append(f"{label}: gradot info exited {code}: {err!r}")
         shutil.rmtree(folder)
@@ -1044,7 +1112,7 @@ def test_a_pruned_adapter_layer_is_refused(emulator_dir):
     m = read_manifest(emulator_dir)
     m["slots"][0]["channels"] = 3
     write_manifest(emulator_dir, m)
-    with pytest.raises(ArtifactError, match=r"slots\[0\] prunes an adapter layer") as exc:
+    with pytest.raises(ArtifactError, match=r"'slots\[0\].channels' is 3, expected 64, the MLP width config.json gives the layer \(an adapter layer is never pruned\)") as exc:
         load_emulator(emulator_dir)
     assert_clean(exc.value, emulator_dir)
 
@@ -1479,6 +1547,24 @@ TOKENIZER_ATTACKS = {
     "expanding normalizer": (
         lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 300_000}),
         "inserts 300,000 characters"),
+    # 22 chained replacements of a letter no fixed probe text holds: 2^22 characters of one
+    "22 chained replacements": (
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "q"}, "content": "qq"} for _ in range(22)]}),
+        "the normalizer chains 22 rules (at most 16)"),
+    "8 chained quadruplings": (
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "q"}, "content": "qqqq"} for _ in range(8)]}),
+        "can make up to 65,536 characters of one (at most 256)"),
+    "regex replacements": (  # a regex may match the empty string: an insertion before every character
+        lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"Regex": "q?"}, "content": "xyz"} for _ in range(5)]}),
+        "can make up to 1,024 characters of one (at most 256)"),
+    # a split regex that does not panic but runs for minutes on long words (quadratic backtracking)
+    "slow split regex": (
+        lambda t: t.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\\w*(?=\\d)"},
+                                          "behavior": "Isolated", "invert": False}),
+        "took over 10 s of CPU time on the probe texts"),
     "200k added tokens": (
         lambda t: t["added_tokens"].extend({"id": 3 + i % 100, "content": f"<t{i}>", "single_word": False,
                                             "lstrip": False, "rstrip": False, "normalized": False, "special": False}
@@ -1487,8 +1573,9 @@ TOKENIZER_ATTACKS = {
 }
 
 
-def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_path):
+def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_path, monkeypatch):
     _, dirs = shipped
+    monkeypatch.setenv("GRADOT_CACHE", str(tmp_path / "cache"))  # the probe's verdicts: judged afresh here
     cases = {}
     for label, (edit, message) in TOKENIZER_ATTACKS.items():
         folder = copy_of(dirs["uniform"], tmp_path / label.replace(" ", "_"))
@@ -1502,24 +1589,97 @@ def test_hostile_tokenizers_are_refused_in_bounded_time_and_memory(shipped, tmp_
     run_hostile(tmp_path, cases)
 
 
-def test_absurd_adapter_values_warn_or_are_refused(shipped, adapter_dir, tmp_path, caplog, capsys):
-    model, _ = shipped
-    key = "model.layers.7.mlp.down_proj.weight"
-    _retype(adapter_dir, ADA, key, torch.full((32, 64), 3e38))  # finite, and no fine-tuning goes there
-    with caplog.at_level("WARNING", logger="gradot.artifacts"):
-        plug_in(copy.deepcopy(model), adapter_dir)
-    assert f"{key} moved" in caplog.text and "no plausible fine-tuning" in caplog.text
-    with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 10x") as exc:
-        plug_in(copy.deepcopy(model), adapter_dir, max_change=10)
-    assert_clean(exc.value, adapter_dir)
+def test_the_probes_verdict_is_cached_per_tokenizer(shipped, tmp_path, monkeypatch):
+    from gradot.artifacts import tokenizer as shipped_tokenizer
+
+    _, dirs = shipped
+    monkeypatch.setenv("GRADOT_CACHE", str(tmp_path / "cache"))
+    slow = copy_of(dirs["uniform"], tmp_path / "slow")
+    _edit_tokenizer(slow, TOKENIZER_ATTACKS["slow split regex"][0])
+    honest = copy_of(dirs["uniform"], tmp_path / "honest")
+    probes = []
+    real = shipped_tokenizer._run_probe
+    monkeypatch.setattr(shipped_tokenizer, "_run_probe", lambda *a: probes.append(a) or real(*a))
+    for _ in range(2):
+        with pytest.raises(ArtifactError, match="took over 10 s of CPU time") as exc:
+            load_emulator_tokenizer(slow)
+        assert_clean(exc.value, slow)
+        load_emulator_tokenizer(honest)("the cat sat on the mat")
+    assert len(probes) == 2  # each tokenizer probed once, then judged by its cached verdict
+    copy_of(dirs["uniform"], tmp_path / "elsewhere")  # the same files in another folder: the same verdict
+    load_emulator_tokenizer(tmp_path / "elsewhere")
+    assert len(probes) == 2
+    _edit_tokenizer(honest, lambda t: t["model"]["vocab"].update({"zz": 127}))  # another tokenizer: probed
+    load_emulator_tokenizer(honest)
+    assert len(probes) == 3
+
+
+def test_every_tokenization_is_capped_in_tokens_per_character():
+    from gradot.errors import TokenCapError
+    from gradot.finetune import FinetuneDataset
+    from gradot.scorer import FastHFLM
+
+    class Expanding:  # a tokenizer that makes 100 tokens of every character
+        bos_token_id = eos_token_id = 0
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [5] * (100 * len(text))}
+
+        def encode(self, text, **kwargs):
+            return self(text)["input_ids"]
+
+        def decode(self, ids):
+            return ""
+
+    for records, message in (([("Question: a", " b")], "record 0: 1,300 tokens of 13 characters, more than the 120"),
+                             (["the cat sat"], "record 0: 1,100 tokens of 11 characters, more than the 104")):
+        with pytest.raises(TokenCapError, match=message) as exc:
+            FinetuneDataset(Expanding(), records)
+        assert "\n" not in str(exc.value)
+    lm = FastHFLM.__new__(FastHFLM)
+    lm.tokenizer, lm.add_bos_token, lm.custom_prefix_token_id = Expanding(), False, 0
+    with pytest.raises(TokenCapError, match="an evaluation request: 400 tokens of 4 characters, more than the 48"):
+        lm.tok_encode("abcd")
+    honest = FinetuneDataset(tiny_tokenizer(), [("the cat", " sat")])
+    assert len(honest) == 1
+
+
+def test_absurd_adapters_are_refused_by_default(shipped, adapter_dir, tmp_path, caplog, capsys):
+    model, dirs = shipped
+    key = "model.layers.7.mlp.gate_proj.weight"
+    _retype(adapter_dir, ADA, key, torch.full((64, 32), 3e38))  # finite, and no fine-tuning goes there
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for plug in (lambda **kw: plug_in(model, adapter_dir, **kw),
+                 lambda **kw: artifacts.plug_into_emulator(load_emulator(dirs["uniform"]), adapter_dir, **kw)):
+        with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 10x") as exc:
+            plug()
+        assert_clean(exc.value, adapter_dir)
+        with pytest.raises(ArtifactError, match=f"{key} moved .* more than the allowed 5x"):
+            plug(max_change=5)
+        # With the bound off, the plugged model's logits overflow: refused by the probe, the model untouched.
+        with pytest.raises(ArtifactError, match="gives non-finite logits on a 16-token probe") as exc:
+            plug(max_change=0)
+        assert_clean(exc.value, adapter_dir)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out", tmp_path / "p",
-                           "--max-change", "10")
-    assert_one_line(code, err, "more than the allowed 10x")
+    for extra, message in (([], "more than the allowed 10x"), (["--max-change", "5"], "more than the allowed 5x"),
+                           (["--max-change", "0"], "non-finite logits")):
+        code, _, err = run_cli(capsys, "plugin", "--model", model_dir, "--adapter", adapter_dir, "--out",
+                               tmp_path / "p", *extra)
+        assert_one_line(code, err, message)
+        assert not (tmp_path / "p").exists()
+        code, _, err = run_cli(capsys, "eval", "--emulator", dirs["uniform"], "--adapter", adapter_dir, "--tasks",
+                               "piqa", "--limit", "1", "--device", "cpu", *extra)
+        assert_one_line(code, err, message)
+    # With the bound off, a large but finite move is plugged with a warning.
+    _retype(adapter_dir, ADA, key, torch.full((64, 32), 1.0))
+    with caplog.at_level("WARNING", logger="gradot.artifacts"):
+        plug_in(copy.deepcopy(model), adapter_dir, max_change=0)
+    assert f"{key} moved" in caplog.text and "no plausible fine-tuning" in caplog.text
     # An ordinary fine-tuning step stays far below the bound.
-    emu = load_emulator(shipped[1]["uniform"])
+    emu = load_emulator(dirs["uniform"])
     with torch.no_grad():
         for p in emu.adapter_parameters():
             p.mul_(1.05)
@@ -1527,7 +1687,17 @@ def test_absurd_adapter_values_warn_or_are_refused(shipped, adapter_dir, tmp_pat
     caplog.clear()
     with caplog.at_level("WARNING", logger="gradot.artifacts"):
         plug_in(copy.deepcopy(model), tmp_path / "tuned", max_change=0.1)
+        plug_in(copy.deepcopy(model), tmp_path / "tuned")
     assert "moved" not in caplog.text
+
+
+def test_the_change_bound_is_one_function_the_federation_can_share():
+    assert artifacts.DEFAULT_MAX_CHANGE == 10
+    assert artifacts.change_refusal("w", 3.7) is None  # the largest honest change measured (tiny test models)
+    assert artifacts.change_refusal("w", 3.0, max_change=0) is None and artifacts.change_refusal("w", 3.0, None) is None
+    line = artifacts.change_refusal("w", 1.5e40)
+    assert "w moved 1.5e+40x its original norm, more than the allowed 10x" in line and "\n" not in line
+    assert artifacts.relative_change(torch.full((3,), 2.0), torch.ones(3)) == pytest.approx(1.0)
 
 
 def test_error_lines_escape_control_characters_from_tensor_names(shipped, adapter_dir, tmp_path, capsys):
@@ -1606,3 +1776,141 @@ def test_a_second_writer_of_the_same_out_is_refused_at_once(tiny_model_dir, tmp_
             out.mkdir()
             (out / "theirs.txt").write_text("theirs")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and leftovers(out) == []
+
+
+# --------------------------------------------------------------------------------------------- slot dimensions
+#
+# Every dimension a slot states is bounded by the widths the config gives its position, by the check
+# of the slot's kind, before a tensor is read.
+
+
+def _sparse_tensors(folder: Path, drop: tuple[str, ...], shapes: dict[str, list[int]]) -> None:
+    """Replace the tensors ``drop`` of emulator.safetensors by float32 zeros of ``shapes`` (stored
+    sparse), the header, listing and hash all consistent: only the loader's bounds can refuse."""
+    data = (folder / EMU).read_bytes()
+    n, head = header(data)
+    body, kept, new_body = data[8 + n:], {}, []
+    offset = 0
+    for key, spec in head.items():
+        if key == "__metadata__" or key in drop:
+            continue
+        start, end = spec["data_offsets"]
+        kept[key] = dict(spec, data_offsets=[offset, offset + end - start])
+        new_body.append(body[start:end])
+        offset += end - start
+    for key, shape in shapes.items():
+        size = 4 * shape[0] * shape[1]  # every shape here is a matrix
+        kept[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(kept).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / EMU, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(new_body))
+        f.truncate(8 + len(raw) + offset)
+    m = read_manifest(folder)
+    m["files"][EMU]["tensors"] = {k: {"dtype": "float32", "shape": v["shape"]} for k, v in kept.items()}
+    m["files"][EMU]["sha256"] = sha256_file(folder / EMU)
+    write_manifest(folder, m)
+
+
+def _huge_harmonizer(folder: Path, rank: int = 1 << 18, channels: int = 1 << 21) -> None:
+    """Slot 2 of the uniform emulator (layers 2 and 5 kept) made a ScaleOT harmonizer for layers 2-4
+    that claims ``rank`` on every attention linear and ``channels`` MLP channels, its tensors sparse zeros."""
+    m = read_manifest(folder)
+    listed = m["files"][EMU]["tensors"]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    shapes = {}
+    for name in attn:
+        out_f, in_f = listed[f"model.layers.2.self_attn.{name}.weight"]["shape"]
+        shapes[f"model.layers.2.self_attn.{name}.down.weight"] = [rank, in_f]
+        shapes[f"model.layers.2.self_attn.{name}.up.weight"] = [out_f, rank]
+    hidden = listed["model.layers.2.mlp.down_proj.weight"]["shape"][0]
+    shapes.update({"model.layers.2.mlp.gate_proj.weight": [channels, hidden],
+                   "model.layers.2.mlp.up_proj.weight": [channels, hidden],
+                   "model.layers.2.mlp.down_proj.weight": [hidden, channels]})
+    m["slots"][2].update(ranks={f"self_attn.{name}": rank for name in attn}, channels=channels, replaces=[2, 3, 4])
+    write_manifest(folder, m)
+    drop = tuple(f"model.layers.2.{part}.weight" for part in [f"self_attn.{name}" for name in attn]
+                 + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    _sparse_tensors(folder, drop, shapes)
+
+
+@pytest.mark.parametrize("kind,edit,message", [
+    # a kept layer (low-rank or pruned): channels and ranks within the config's widths
+    ("svd", lambda s: s[3].update(channels=1 << 21), "'slots[3].channels' is 2097152, expected 1 to 64 MLP channels"),
+    ("svd", lambda s: s[3].update(ranks={"self_attn.q_proj": 1 << 18}),
+     "'slots[3].ranks.self_attn.q_proj' is 262144, expected a rank of 1 to 32, min(out, in) of that linear"),
+    ("svd", lambda s: s[3].update(ranks={"self_attn": 4}), "'slots[3].ranks' is 'self_attn', expected one of the "
+                                                            "layer's linears"),
+    ("svd", lambda s: s[3].update(channels=16, ranks={"mlp.down_proj": 17}),  # bounded after the pruning
+     "'slots[3].ranks.mlp.down_proj' is 17, expected a rank of 1 to 16"),
+    # a harmonizer: no wider than the layer, a span that tiles the middle with the other slots
+    ("uniform", lambda s: s[2].update(replaces=[2, 3, 4], channels=65),
+     "'slots[2].channels' is 65, expected 1 to 64 MLP channels"),
+    ("svd", lambda s: s[3].update(replaces=[3, 4]), "'slots[3].replaces' is [3, 4], expected layers 3 to 3"),
+    ("uniform", lambda s: s[2].update(replaces=[2, 3, 4, 5]), "'slots[2].replaces' is [2, 3, 4, 5], expected "
+                                                               "layers 2 to 4"),
+    ("uniform", lambda s: s[2].update(replaces=[2, 3]), "'slots[2].replaces' is [2, 3], expected layers 2 to 4"),
+    # own-weight layers in order, each at most once; a shared position repeats its owner's layer
+    ("svd", lambda s: s[3].update(source=2), "'slots[3].source' is 2, expected original layers after 2"),
+    ("svd", lambda s: s[4].update(source=3), "'slots[4].source' is 3, expected original layers after 3"),
+    ("crash", lambda s: s[3].update(source=2), "'slots[3].source' is 2, expected 3, the source of position 2"),
+    ("crash", lambda s: s[3].update(channels=5), "'slots[3].channels' is 5, expected 64, the MLP channels of "
+                                                  "position 2"),
+    ("uniform", lambda s: s[5].update(channels=1 << 21), "'slots[5].channels' is 2097152, expected 64, the MLP "
+                                                          "width config.json gives the layer"),
+])
+def test_slot_dimensions_are_bounded_by_the_configs_widths(shipped, tmp_path, kind, edit, message):
+    folder = copy_of(shipped[1][kind], tmp_path / kind)
+    m = read_manifest(folder)
+    edit(m["slots"])
+    write_manifest(folder, m)
+    for check in (load_emulator, artifacts.verify):
+        with pytest.raises(ArtifactError, match=re.escape(message)) as exc:
+            with time_limit(20):
+                check(folder)
+        assert_clean(exc.value, folder)
+
+
+def test_a_huge_harmonizer_with_consistent_files_is_refused_before_a_tensor_is_read(shipped, tmp_path):
+    """The campaign's case: 2^21 channels and rank 2^18, manifest, header and hash consistent (1 GB of
+    sparse zeros): refused on every entry point in seconds, without the memory the tensors need."""
+    model, dirs = shipped
+    folder = copy_of(dirs["uniform"], tmp_path / "huge")
+    _huge_harmonizer(folder)
+    message = "'slots[2].channels' is 2097152, expected 1 to 64 MLP channels"
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        with time_limit(20):
+            load_emulator(folder)
+    overlap = copy_of(dirs["uniform"], tmp_path / "overlap")  # the harmonizer's span includes the next slot's layer
+    m = read_manifest(overlap)
+    m["slots"][2]["replaces"] = [2, 3, 4, 5]
+    write_manifest(overlap, m)
+    cases = {}
+    for label, folder, expected in (("huge", folder, message),
+                                    ("overlap", overlap, "'slots[2].replaces' is [2, 3, 4, 5], expected layers 2 to 4")):
+        cases[f"{label} (info)"] = (["info", folder], expected)
+        cases[f"{label} (eval)"] = (["eval", "--emulator", folder, "--tasks", "piqa", "--limit", "1", "--device", "cpu"],
+                                    expected)
+        cases[f"{label} (finetune)"] = (["finetune", "--emulator", folder, "--task", "piqa", "--train-limit", "2",
+                                         "--max-steps", "1", "--out", tmp_path / f"{label}-out"], expected)
+    run_hostile(tmp_path, cases, seconds=30)
+
+
+def test_info_shortens_long_values_and_json_keeps_them_whole(shipped, emulator_dir, adapter_dir, capsys):
+    long = "x" * 3_500_000
+    m = read_manifest(emulator_dir)
+    m["settings"] = {"note": long, **{f"k{i}": i for i in range(100)}}
+    write_manifest(emulator_dir, m)
+    a = read_manifest(adapter_dir)
+    a["training"] = {"note": long, "steps": list(range(10_000))}
+    write_manifest(adapter_dir, a)
+    for folder in (emulator_dir, adapter_dir):
+        code, out, _ = run_cli(capsys, "info", folder)
+        assert code == 0
+        assert "\n  note: " + "x" * 232 + "… (3,499,768 more characters)\n" in out  # the line cut at 240
+        assert max(len(line) for line in out.splitlines()) < 300
+        code, out, _ = run_cli(capsys, "info", folder, "--json")
+        assert code == 0 and long in out
+    code, out, _ = run_cli(capsys, "info", emulator_dir)
+    assert "… (61 more entries)" in out and "k38: 38" in out and "k39" not in out

@@ -143,6 +143,16 @@ def positive_float(value: str) -> float:
     return x
 
 
+def non_negative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return x
+
+
 def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> None:
     """The model owner's own record of its split, for plugging an adapter into the original model
     (``emulator``: also offer --emulator, where that option is not taken)."""
@@ -154,9 +164,11 @@ def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> No
     g.add_argument("--adapter-layers", type=positive_int, default=None,
                    help="the split k you compressed with (default 2, as in compress); an adapter claiming "
                         "another is refused")
-    p.add_argument("--max-change", type=positive_float, default=None,
-                   help="refuse an adapter with a tensor moved more than this many times its original norm "
-                        "(default: warn above 1)")
+    from .artifacts import DEFAULT_MAX_CHANGE, PLAUSIBLE_CHANGE
+
+    p.add_argument("--max-change", type=non_negative_float, default=DEFAULT_MAX_CHANGE, metavar="R",
+                   help=f"refuse an adapter with a tensor moved more than R times its original norm (default: "
+                        f"{DEFAULT_MAX_CHANGE:g}; 0: no bound, a warning above {PLAUSIBLE_CHANGE:g})")
 
 
 def owner_split(args) -> int:

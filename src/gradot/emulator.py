@@ -16,6 +16,7 @@ from torch import nn
 
 from .registry import arch_of, decoder_layers, set_module
 from .offload import plain_copy
+from .slot_kinds import Problem, SlotView, register_slot_kind
 from .split import Split, fingerprint
 from .surgery import layer_shapes, set_depth, shared_copy, unique_parameter_count
 
@@ -34,6 +35,21 @@ class Slot:
     # A trained stand-in (ScaleOT harmonizer) for this span of consecutive original middle layers
     # (``source`` first); None: the slot derives from ``source`` alone. Written only when set.
     replaces: list[int] | None = None
+
+
+def _check_adapter_slot(view: SlotView) -> Problem | None:
+    """An adapter position: the original layer, uncompressed (``assemble`` copies it whole), or the
+    fine-tuned layers could never be plugged back into the original model."""
+    slot, width = view.slot, view.widths[view.pos].channels
+    if slot.ranks:
+        return f"{view.where}.ranks", slot.ranks, "{} for an adapter position (adapter layers ship uncompressed)"
+    if slot.channels not in (None, width):
+        return (f"{view.where}.channels", slot.channels, f"{width}, the MLP width config.json gives the layer "
+                "(an adapter layer is never pruned)")
+    return None
+
+
+ADAPTER_SLOT = register_slot_kind("adapter", _check_adapter_slot, matches=lambda slot: slot.role == "adapter")
 
 
 @dataclass

@@ -83,6 +83,10 @@ class TaskDataError(GradotError):
         return type(self), (self.path, self.line, self.field, self.problem)
 
 
+class TokenCapError(GradotError):
+    """A text encodes to more tokens than any tokenizer honestly makes of it (an expanding tokenizer)."""
+
+
 class UsageError(GradotError):
     """Bad command-line input (reported as one line, exit code 2)."""
 

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from .token_cap import check_token_count
+from .errors import TokenCapError
 from .head_loss import CHUNK_ELEMENTS, SkipHead
 
 __all__ = ["FastHFLM"]
@@ -44,8 +46,8 @@ def _split(context: list[int], continuation: list[int], max_length: int) -> tupl
     """``(prefix, continuation)``: the tokens before the continuation once the harness has cut
     ``context + continuation`` to its last ``max_length + 1`` tokens (the last is never input)."""
     if not context or not continuation or len(continuation) > max_length:
-        raise ValueError(f"loglikelihood request with {len(context)} context and {len(continuation)} "
-                         f"continuation tokens (max_length {max_length})")
+        raise TokenCapError(f"loglikelihood request with {len(context)} context and {len(continuation)} "
+                            f"continuation tokens (max_length {max_length})")
     whole = (context + continuation)[-(max_length + 1):]
     return tuple(whole[:len(whole) - len(continuation)]), continuation
 
@@ -92,6 +94,19 @@ class FastHFLM(HFLM):
     """``HFLM`` whose log-likelihood requests share each context's forward pass and compute the
     head only where a continuation token is scored. Construct it as ``HFLM``; ``batch_size``
     counts contexts per forward pass (each with all its continuations)."""
+
+    def tok_encode(self, string: str, *args, **kwargs) -> list[int]:
+        """The harness's encoding of one request text, under the cap on tokens per text."""
+        ids = super().tok_encode(string, *args, **kwargs)
+        check_token_count(len(ids), string, "an evaluation request")
+        return ids
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs):
+        """The harness's batch encoding (generation prompts), each text under the cap on tokens per text."""
+        ids, mask = super().tok_batch_encode(strings, *args, **kwargs)
+        for text, row in zip(strings, mask):
+            check_token_count(int(row.sum()), text, "an evaluation prompt")
+        return ids, mask
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal" or self.batch_size == "auto":

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .registry import ArchSpec, arch_of, get_module, linear_shape, set_module, weight_out_in
+from .slot_kinds import Problem, SlotView, Widths, register_slot_kind
 
 # ---------------------------------------------------------------------------------------------
 # Low-rank linear (DRD)
@@ -128,6 +129,37 @@ def reshape_layer(layer: nn.Module, arch: ArchSpec, ranks: dict[str, int], chann
         w = weight_out_in(module, arch)
         set_module(layer, name, LowRankLinear(in_f, rank, out_f, module.bias is not None, dtype=w.dtype,
                                               device=w.device))
+
+
+def layer_widths(layer: nn.Module, arch: ArchSpec) -> Widths:
+    """The widths an unmodified ``layer`` has: what a slot's ranks and channels are bounded by."""
+    linears = {name: linear_shape(get_module(layer, name), arch) for name in arch.attn_linears + arch.mlp_linears}
+    return Widths(linears, mlp_channels(layer, arch), arch.mlp_in, arch.mlp_out, arch.mlp_in_parts)
+
+
+def shape_problem(where: str, ranks: dict[str, int], channels: int | None, widths: Widths) -> Problem | None:
+    """A layer's stated shapes against its full widths: at most the MLP's channels, and a rank of at
+    most min(out, in) on each of its own compressible linears (after the channel pruning)."""
+    if channels is not None and not 1 <= channels <= widths.channels:
+        return (f"{where}.channels", channels,
+                f"1 to {widths.channels} MLP channels (the width config.json gives this layer)")
+    shapes = widths.at_channels(channels or widths.channels)
+    for name, rank in ranks.items():
+        if name not in shapes:
+            return f"{where}.ranks", name, f"one of the layer's linears ({', '.join(shapes)})"
+        bound = min(shapes[name])
+        if not 1 <= rank <= bound:
+            return (f"{where}.ranks.{name}", rank,
+                    f"a rank of 1 to {bound}, min(out, in) of that linear {list(shapes[name])} in config.json")
+    return None
+
+
+def _check_layer_slot(view: SlotView) -> Problem | None:
+    """A kept middle layer, whole, low-rank (``to_lowrank``) or pruned (``prune_mlp_channels``)."""
+    return shape_problem(view.where, view.slot.ranks, view.slot.channels, view.widths[view.pos])
+
+
+LAYER_SLOT = register_slot_kind("layer", _check_layer_slot)  # every slot no other kind claims
 
 
 def layer_shapes(layer: nn.Module, arch: ArchSpec) -> tuple[dict[str, int], int]:

@@ -18,7 +18,8 @@ tokenizer, bounded and probed), ``adapter_io`` (save, plug into the model or the
 """
 
 from ..errors import ArtifactError, printable
-from .adapter_io import PLAUSIBLE_CHANGE, plug_in, plug_into_emulator, save_adapter
+from .adapter_io import (DEFAULT_MAX_CHANGE, PLAUSIBLE_CHANGE, change_refusal, plug_in, plug_into_emulator,
+                         relative_change, save_adapter)
 from .emulator_io import load_emulator, read_config, save_emulator, verify
 from .files import (
     ADAPTER_FILE,
@@ -35,8 +36,9 @@ from .files import (
 from .manifest import describe, emulator_split, read_manifest
 from .tokenizer import load_emulator_tokenizer
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "EMULATOR_FILE", "MANIFEST", "PLAUSIBLE_CHANGE", "ArtifactError",
-           "atomic_directory", "check_listed_files", "claim_output", "describe", "emulator_split",
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "DEFAULT_MAX_CHANGE", "EMULATOR_FILE", "MANIFEST", "PLAUSIBLE_CHANGE",
+           "ArtifactError", "atomic_directory", "change_refusal", "check_listed_files", "claim_output", "describe",
+           "emulator_split",
            "load_emulator", "load_emulator_tokenizer", "plug_in", "plug_into_emulator", "printable",
-           "read_config", "read_manifest", "read_tensors", "refuse_existing", "save_adapter", "save_emulator",
+           "read_config", "read_manifest", "read_tensors", "refuse_existing", "relative_change", "save_adapter", "save_emulator",
            "sha256_file", "verify"]

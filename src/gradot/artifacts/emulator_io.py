@@ -16,7 +16,8 @@ from torch import nn
 from ..emulator import Emulator, Slot
 from ..errors import ArtifactError
 from ..registry import UnsupportedModelError, arch_of, decoder_layers
-from ..surgery import mlp_channels, renumber_layers, reshape_layer, shared_copy
+from ..slot_kinds import check_slots
+from ..surgery import layer_widths, renumber_layers, reshape_layer, shared_copy
 from .files import ADAPTER_FILE, CONFIG_FILE, EMULATOR_FILE, MANIFEST, MAX_SMALL_FILE_BYTES, _check_hash, _check_header, _dtype_name, _parse_json, _read_bounded, _short, _why, _write_tensors, atomic_directory, check_listed_files, read_tensors, sha256_file
 from .manifest import _slots, read_manifest
 
@@ -61,9 +62,24 @@ def _config_field_error() -> type[Exception]:
     return StrictDataclassError
 
 
-def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], context) -> nn.Module:
+def _check_slot_bounds(folder: Path, layers, arch, slots: list[Slot], middle: range) -> None:
+    """Every slot's stated shapes and span against the widths the config gives its position (the
+    layers as built from the config alone, on the meta device), by the check of the slot's kind."""
+    # The modules building the kinds of slots beyond kept and adapter layers register their bounds
+    # when imported (those modules only: the methods package as a whole imports this one back).
+    from ..methods.crash import SHARED_SLOT  # noqa: F401
+    from ..methods.harmonizers import HARMONIZER_SLOT  # noqa: F401
+
+    problem = check_slots(slots, [layer_widths(layer, arch) for layer in layers], middle)
+    if problem is not None:
+        field, value, expected = problem
+        raise ArtifactError(f"{folder / MANIFEST}: '{field}' is {_short(value)}, expected {expected}")
+
+
+def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], context, middle: range) -> nn.Module:
     """The emulator's module tree from its config and slots, weights not loaded (``context``: a
-    factory of the context that keeps parameters off real memory)."""
+    factory of the context that keeps parameters off real memory; ``middle``: the base's middle
+    layers). The slots' shapes are checked against the config's widths before any is built."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -73,13 +89,10 @@ def _build_architecture(folder: Path, config, dtype, arch, slots: list[Slot], co
         # Library code run on the sender's config: any of these means it describes no buildable model.
         raise ArtifactError(f"{folder / CONFIG_FILE}: does not describe a buildable model ({_why(exc)})") from exc
     layers = decoder_layers(model)
+    _check_slot_bounds(folder, layers, arch, slots, middle)
     try:
         with context():
             for pos, slot in enumerate(slots):
-                if slot.role == "adapter" and slot.channels not in (None, mlp_channels(layers[pos], arch)):
-                    # Adapter layers ship uncompressed: a pruned one could never be plugged back in.
-                    raise ArtifactError(f"{folder / MANIFEST}: slots[{pos}] prunes an adapter layer's MLP "
-                                        f"to {slot.channels} channels; adapter layers ship uncompressed")
                 if slot.shares is None:
                     reshape_layer(layers[pos], arch, slot.ranks, slot.channels)
             for pos, slot in enumerate(slots):
@@ -150,13 +163,14 @@ def _checked_emulator(folder: Path):
         raise ArtifactError(f"{folder / CONFIG_FILE}: {exc}") from exc
     if config.num_hidden_layers != len(slots):
         raise ArtifactError(f"{where}: {len(slots)} slots but config has {config.num_hidden_layers} layers")
-    skeleton = _build_architecture(folder, config, dtype, arch, slots, lambda: torch.device("meta"))
+    middle = range(manifest["adapter"]["k"], manifest["base"]["num_layers"] - manifest["adapter"]["k"])
+    skeleton = _build_architecture(folder, config, dtype, arch, slots, lambda: torch.device("meta"), middle)
     shapes = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
     # Which tensors are one and the same follows from the architecture (tied embeddings, the slots'
     # layer sharing): the manifest must say exactly that, or a frozen weight could be tied to a
     # trainable one, or a shared layer shipped as two.
     _check_tensor_list(folder, manifest, shapes, _unique_state(skeleton)[1])
-    return manifest, config, arch, slots, dtype
+    return manifest, config, arch, slots, dtype, middle
 
 
 def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
@@ -166,9 +180,9 @@ def load_emulator(folder: str | os.PathLike, device: str = "cpu") -> Emulator:
     folder = Path(folder)
     # Everything is checked before a byte of tensor data is read: a listed, hash-correct extra
     # tensor of any size is refused without being loaded.
-    manifest, config, arch, slots, dtype = _checked_emulator(folder)
+    manifest, config, arch, slots, dtype, middle = _checked_emulator(folder)
     tensors = read_tensors(folder, EMULATOR_FILE, manifest["files"][EMULATOR_FILE], dtype=dtype)
-    model = _build_architecture(folder, config, dtype, arch, slots, init_empty_weights)
+    model = _build_architecture(folder, config, dtype, arch, slots, init_empty_weights, middle)
     try:
         model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:

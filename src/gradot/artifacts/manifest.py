@@ -194,6 +194,26 @@ def emulator_split(emulator_dir: str | os.PathLike) -> int:
     return read_manifest(emulator_dir, "emulator")["adapter"]["k"]
 
 
+#: What ``describe`` shows of the sender's values: characters per line, entries per mapping (``gradot
+#: info --json`` prints the manifest whole).
+MAX_SHOWN_CHARS, MAX_SHOWN_ITEMS = 240, 40
+
+
+def _clip(line: str) -> str:
+    """``line`` (escaped) cut to MAX_SHOWN_CHARS, saying how many characters were cut."""
+    line = printable(line)
+    if len(line) <= MAX_SHOWN_CHARS:
+        return line
+    return f"{line[:MAX_SHOWN_CHARS]}… ({len(line) - MAX_SHOWN_CHARS:,} more characters)"
+
+
+def _items(entry: dict, indent: str) -> tuple[list, list[str]]:
+    """The first MAX_SHOWN_ITEMS items of ``entry``, and a line saying how many more there are."""
+    items = list(entry.items())
+    more = [f"{indent}… ({len(items) - MAX_SHOWN_ITEMS:,} more entries)"] if len(items) > MAX_SHOWN_ITEMS else []
+    return items[:MAX_SHOWN_ITEMS], more
+
+
 def _training_lines(training: Any, indent: str = "  ") -> list[str]:
     """The adapter's ``training`` entry as one ``key: value`` line per item (nested dicts indented)."""
     if not isinstance(training, dict) or not training:
@@ -201,15 +221,17 @@ def _training_lines(training: Any, indent: str = "  ") -> list[str]:
     lines = ["training:"]
 
     def walk(entry: dict, depth: int) -> None:
-        for key, value in entry.items():
+        items, more = _items(entry, indent * depth)
+        for key, value in items:
             if isinstance(value, dict):
                 lines.append(f"{indent * depth}{key}:")
                 walk(value, depth + 1)
             else:
                 shown = f"{value:.4g}" if isinstance(value, float) else value
                 if isinstance(value, list):
-                    shown = ", ".join(str(v) for v in value) or "(none)"
+                    shown = ", ".join(str(v) for v in value[:MAX_SHOWN_CHARS]) or "(none)"
                 lines.append(f"{indent * depth}{key}: {shown}")
+        lines.extend(more)
 
     walk(training, 1)
     return lines
@@ -228,8 +250,8 @@ def describe(manifest: dict[str, Any]) -> str:
                      f"achieved {size.get('keep_achieved', 0):.4f}")
         lines.append(f"middle params: {size.get('middle_params_kept'):,} of {size.get('middle_params_original'):,};  "
                      f"emulator params: {size.get('emulator_params'):,};  depth {size.get('emulator_depth')}")
-        for key, value in manifest.get("settings", {}).items():
-            lines.append(f"  {key}: {value}")
+        settings, more = _items(manifest.get("settings", {}), "  ")
+        lines += [f"  {key}: {value}" for key, value in settings] + more
         lines.append("slots (position: source layer, role, shapes):")
         for pos, s in enumerate(manifest.get("slots", [])):
             detail = []
@@ -249,5 +271,6 @@ def describe(manifest: dict[str, Any]) -> str:
     for name, entry in manifest.get("files", {}).items():
         n = len(entry.get("tensors", {})) if isinstance(entry, dict) else 0
         lines.append(f"file {name}: sha256 {str(entry.get('sha256', ''))[:16]}…" + (f"  {n} tensors" if n else ""))
-    # Every string here came from the sender: no terminal control sequences reach the screen.
-    return "\n".join(printable(line) for line in lines)
+    # Every string here came from the sender: no terminal control sequences reach the screen, and
+    # no value fills it (a line is cut, saying how much; --json prints the manifest whole).
+    return "\n".join(_clip(line) for line in lines)

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from ..token_cap import check_token_count
 
-def encode_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+
+def encode_pair(tokenizer, prompt: str, continuation: str, what: str = "a training example") -> tuple[list[int], list[int]]:
     """``(prompt_ids, continuation_ids)`` as lm-evaluation-harness encodes a causal LM request.
 
     Mirrors ``lm_eval.api.model.TemplateLM._encode_pair`` with the harness's default special
@@ -23,14 +25,21 @@ def encode_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int], l
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
             raise ValueError("an empty prompt needs a tokenizer with a BOS or EOS token")
-        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return [prefix], encode(tokenizer, continuation, what, add_special_tokens=False)
     n_spaces = len(prompt) - len(prompt.rstrip())
     if n_spaces:
         continuation = prompt[-n_spaces:] + continuation
         prompt = prompt[:-n_spaces]
-    whole = tokenizer(prompt + continuation)["input_ids"]
-    context = tokenizer(prompt)["input_ids"]
+    whole = encode(tokenizer, prompt + continuation, what)
+    context = encode(tokenizer, prompt, what)
     return context, whole[len(context):]
+
+
+def encode(tokenizer, text: str, what: str = "a training example", **kwargs) -> list[int]:
+    """``text``'s token ids, under the cap on tokens per text (``check_token_count``)."""
+    ids = tokenizer(text, **kwargs)["input_ids"]
+    check_token_count(len(ids), text, what)
+    return ids
 
 
 def _is_pair(record: Any) -> bool:
@@ -58,7 +67,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
         for i, record in enumerate(records):
             if _is_pair(record):
                 prompt, continuation = record
-                ctx, cont = encode_pair(tokenizer, prompt, continuation)
+                ctx, cont = encode_pair(tokenizer, prompt, continuation, f"record {i}")
                 if not cont:
                     raise ValueError(f"record {i}: continuation {continuation!r} encodes to no tokens")
                 ids = (ctx + cont)[-max_length:]
@@ -66,7 +75,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
                 self.examples.append((ids, labels))
                 self.kinds.add("pairs")
             elif isinstance(record, str):
-                ids = tokenizer(record)["input_ids"]
+                ids = encode(tokenizer, record, f"record {i}")
                 if len(ids) < 2:
                     raise ValueError(f"record {i}: text {record[:40]!r} has fewer than 2 tokens (nothing to predict)")
                 for start in range(0, len(ids), max_length):

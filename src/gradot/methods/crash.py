@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..emulator import Emulator, assemble
 from ..offload import plain_copy
 from ..registry import decoder_layers
+from ..slot_kinds import Problem, SlotView, register_slot_kind
 from ..split import Split
 from .base import Calibration, MethodConfig, SimpleMethod
 from .uniform import layers_to_keep
@@ -113,6 +114,23 @@ def crash_emulator(model: nn.Module, split: Split, keep: float, batches, max_tok
     settings = {"clusters": [[split.middle[i] for i in c] for c in clusters], "linkage": "complete",
                 "cka_tokens": tokens}
     return assemble(model, split, middle, sources, shares, method="crash", keep=keep, settings=settings)
+
+
+def _check_shared_slot(view: SlotView) -> Problem | None:
+    """A position repeating an earlier one's layer (``crash_emulator``): the same source and shapes as
+    the position it shares (its weights are that position's; the manifest may not claim others)."""
+    slot, owner = view.slot, view.slots[view.slot.shares]
+    if slot.source != owner.source:
+        return (f"{view.where}.source", slot.source,
+                f"{owner.source}, the source of position {slot.shares} whose weights it shares")
+    full = view.widths[view.pos].channels
+    if (slot.channels or full) != (owner.channels or full):
+        return (f"{view.where}.channels", slot.channels,
+                f"{owner.channels or full}, the MLP channels of position {slot.shares} whose weights it shares")
+    return None
+
+
+SHARED_SLOT = register_slot_kind("shared", _check_shared_slot, matches=lambda slot: slot.shares is not None)
 
 
 def _build(model: nn.Module, split: Split, config: MethodConfig, calibration: Calibration) -> Emulator:

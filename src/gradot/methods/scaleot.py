@@ -32,11 +32,12 @@ from torch import nn
 from ..emulator import assemble
 from ..errors import MethodConfigError
 from ..offload import onloaded, plain_copy
-from ..registry import arch_of, decoder_layers, get_module, linear_shape, set_module, weight_out_in
+from ..registry import arch_of, decoder_layers, get_module, linear_shape, set_module
 from ..split import Split
-from ..surgery import LowRankLinear, prune_mlp_channels, to_lowrank, unique_parameter_count
+from ..surgery import unique_parameter_count
 from .base import Calibration, SimpleMethod, option
 from .distill import TrainOptions, train_emulator
+from .harmonizers import harmonizer, svd_lowrank
 
 IMPORTANCE = ("bypass-loss", "uniform")
 
@@ -96,12 +97,6 @@ def bypass_importance(model: nn.Module, split: Split, batches) -> list[float]:
 # Layers
 
 
-def _lowrank(module: nn.Module, arch, rank: int) -> LowRankLinear:
-    w = weight_out_in(module, arch).float()
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-    return to_lowrank(module, arch, U, S, Vh, torch.arange(min(rank, S.numel())))
-
-
 def reduced_layer(layer: nn.Module, arch, attn_keep: float) -> nn.Module:
     """A copy of ``layer`` whose attention linears keep ``attn_keep`` of their parameters (truncated SVD,
     only where a factorisation is smaller)."""
@@ -112,32 +107,7 @@ def reduced_layer(layer: nn.Module, arch, attn_keep: float) -> nn.Module:
         module = get_module(new, name)
         out_f, in_f = linear_shape(module, arch)
         rank = max(1, math.floor(attn_keep * out_f * in_f / (out_f + in_f)))
-        set_module(new, name, _lowrank(module, arch, rank))
-    return new
-
-
-def harmonizer(layer: nn.Module, arch, width: int) -> nn.Module:
-    """A small decoder layer (attention at rank ``width``, MLP at ``width`` channels) from ``layer``,
-    whose output projections are zero: it computes the identity until trained."""
-    new = plain_copy(layer)
-    for name in arch.attn_linears:
-        module = get_module(new, name)
-        set_module(new, name, _lowrank(module, arch, min(width, *linear_shape(module, arch))))
-    mlp_out = get_module(new, arch.mlp_out)
-    channels = linear_shape(mlp_out, arch)[1]
-    w = weight_out_in(mlp_out, arch)
-    strongest = w.float().norm(dim=0).argsort(descending=True)[:min(width, channels)]
-    prune_mlp_channels(new, arch, strongest)
-    with torch.no_grad():
-        for name in arch.attn_out:
-            up = get_module(new, name).up
-            up.weight.zero_()
-            if up.bias is not None:
-                up.bias.zero_()
-        down = get_module(new, arch.mlp_out)
-        down.weight.zero_()
-        if down.bias is not None:
-            down.bias.zero_()
+        set_module(new, name, svd_lowrank(module, arch, rank))
     return new
 
 
