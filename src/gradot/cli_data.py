@@ -272,6 +272,7 @@ def cmd_pipeline(args) -> int:
 
 
 def _federation_arguments(p: argparse.ArgumentParser) -> None:
+    from .artifacts import DEFAULT_MAX_CHANGE
     g = p.add_argument_group("federation (the model owner's settings, sent to every client each round)")
     g.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
     g.add_argument("--local-steps", type=int_at_least(0, "an integer >= 0"), default=10,
@@ -292,9 +293,9 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secagg-clip", type=float, default=1.0,
                    help="SecAgg+ clipping range of each update value (updates are weight differences, ~1e-3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of local training (plus the round)")
-    g.add_argument("--max-change", type=float, default=0.0,
+    g.add_argument("--max-change", type=float, default=DEFAULT_MAX_CHANGE,
                    help="leave out an update, and drop a round whose aggregate, moves a tensor more than this many "
-                        "times its norm (0: only warn above 1, as plugin does)")
+                        "times its norm (plugin's default bound; 0: only warn above 1)")
     g.add_argument("--clip", type=float, default=None,
                    help="clip each client's update to this x the global adapter's L2 norm (Flower's fixed clipping; "
                         "default 0.02, 5x an honest round of the default model, see docs/federated.md; 0: off)")

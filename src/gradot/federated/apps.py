@@ -48,6 +48,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
+from ..artifacts import DEFAULT_MAX_CHANGE
 from ..emulator import Emulator
 from ..finetune import default_learning_rate
 from .core import (
@@ -104,7 +105,8 @@ class FederationSettings:
     secagg_clip: float = 1.0   # SecAgg+ clipping range of each (example-weighted) update value
     secagg_max_weight: float = 10000.0  # SecAgg+'s bound on one client's example count
     seed: int = 0
-    max_change: float = 0.0    # > 0: leave out an update (drop an aggregate) moving a tensor more than this x its norm
+    # > 0: leave out an update (drop an aggregate) moving a tensor more than this x its norm; plug_in's default bound
+    max_change: float = DEFAULT_MAX_CHANGE
     max_examples: int = 0      # > 0: refuse a client claiming more examples (under SecAgg+ also secagg_max_weight)
     max_examples_ratio: float = 4.0  # > 0: refuse a count above this x the round's (low) median count
     clip: float = 0.02         # > 0: clip each update's L2 norm to this x the global adapter's (0: no clipping)
