@@ -3,8 +3,9 @@ missing emulator with ``gradot compress`` and heals it with ``bench/heal.py`` (w
 checkpoint and skips measured budgets). Several lanes share the matrix (``--lane i/n``: entry j
 goes to lane j mod n), one process per core.
 
-    nohup env OMP_NUM_THREADS=1 python bench/heal_matrix.py --lane 0/2 > heal-lane0.log &
-    nohup env OMP_NUM_THREADS=1 python bench/heal_matrix.py --lane 1/2 > heal-lane1.log &
+    nohup env OMP_NUM_THREADS=1 python bench/heal_matrix.py --lane 0/2 --upto 32768 > heal-lane0.log &
+    nohup env OMP_NUM_THREADS=1 python bench/heal_matrix.py --lane 1/2 --upto 32768 > heal-lane1.log &
+    (then --upto 262144, then without --upto: each entry resumes from its checkpoint)
     python bench/heal.py --report-only --out results/heal          # the table from the cells so far
 """
 
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lane", default="0/1", help="i/n: this process runs entries i, i+n, ...")
     p.add_argument("--only", help="comma-separated labels (default: the whole matrix)")
+    p.add_argument("--upto", type=int, help="heal every entry only up to this budget first (a later run with a "
+                                         "larger one resumes each from its checkpoint)")
     p.add_argument("--lr", type=float, default=HealConfig.lr)
     p.add_argument("--emulators", default=os.path.expanduser("~/.cache/gradot/heal-emulators"))
     p.add_argument("--out", default="results/heal")
@@ -60,6 +63,8 @@ def main(argv=None) -> None:
         if j % lanes != lane:
             continue
         compress, budgets = MATRIX[label]
+        if args.upto is not None and budgets:
+            budgets = ",".join(b for b in budgets.split(",") if int(b) <= args.upto)
         if label == "original":
             if not (Path(args.out) / "cells" / "original.json").is_file():
                 run([python, "bench/heal.py", "--label", "original", "--out", args.out])
@@ -71,7 +76,7 @@ def main(argv=None) -> None:
                 run(["gradot", "compress", *compress, "--out", str(emulator), "--overwrite"])
             source = ["--emulator", str(emulator)]
         # zero-shot (the costly measurement) at every budget of the key rows, at the ends of the others
-        tasks_at = [] if budgets == FULL else ["--tasks-at", f"0,{budgets.split(',')[-1]}"]
+        tasks_at = [] if MATRIX[label][1] == FULL else ["--tasks-at", f"0,{MATRIX[label][1].split(',')[-1]}"]
         run([python, "bench/heal.py", "--label", label, *source, "--budgets", budgets, "--lr", f"{args.lr:g}",
              *tasks_at, "--out", args.out])
 

@@ -75,6 +75,21 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
              tmp_path / "c")
 
 
+def test_a_run_asked_for_more_budgets_resumes_and_a_skipped_one_is_refused(tmp_path):
+    model = trainable_parameters(tiny_model("llama"), "all", [2, 3])
+    short = heal(model, _sequences(), HealConfig(budgets=(0, 32), seq_len=8, batch_size=2, warmup_steps=1, lr=1e-3),
+                 _measure, tmp_path / "c")
+    fresh = trainable_parameters(tiny_model("llama"), "all", [2, 3])
+    longer = heal(fresh, _sequences(), CONFIG, _measure, tmp_path / "c")
+    whole = heal(trainable_parameters(tiny_model("llama"), "all", [2, 3]), _sequences(), CONFIG, _measure,
+                 tmp_path / "whole")
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]  # noqa: E731
+    assert strip(longer[:2]) == strip(short) and strip(longer) == strip(whole)
+    skipped = HealConfig(budgets=(0, 16, 32, 64), seq_len=8, batch_size=2, warmup_steps=1, lr=1e-3)
+    with pytest.raises(HealError, match="did not measure it"):
+        heal(trainable_parameters(tiny_model("llama"), "all", [2, 3]), _sequences(), skipped, _measure, tmp_path / "c")
+
+
 def test_too_little_text_and_bad_settings_are_refused(tmp_path):
     model = trainable_parameters(tiny_model("llama"), "all", [2, 3])
     with pytest.raises(HealError, match="cannot feed"):

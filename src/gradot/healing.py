@@ -242,8 +242,10 @@ def heal(model: nn.Module, sequences: torch.Tensor, config: HealConfig, measure:
     ``measure(model, tokens)`` at each budget of ``config``. Returns one record per budget: tokens, steps, the attacker's
     CPU- and wall-seconds of training so far, and what ``measure`` returned.
 
-    Resumes from ``checkpoint`` (a folder) when it holds a run of the same ``config`` and
-    ``identity`` (what the caller says is being healed); refuses one of another. ``on_record``
+    Resumes from ``checkpoint`` (a folder) when it holds a run of the same recipe (``config`` but
+    its budgets) and ``identity`` (what the caller says is being healed); refuses one of another.
+    A budget below the checkpoint's step that was not measured then is refused (the weights of
+    that moment are gone). ``on_record``
     gets the records so far after each budget is measured (to publish them as they come).
     """
     folder = Path(checkpoint)
@@ -254,13 +256,19 @@ def heal(model: nn.Module, sequences: torch.Tensor, config: HealConfig, measure:
         raise HealError(f"{len(sequences)} sequences of {sequences.shape[1]} tokens cannot feed a "
                         f"{config.budgets[-1]}-token run of {config.seq_len}-token sequences")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    key = json.loads(json.dumps({"config": asdict(config), "identity": identity or {}}))  # as read back
+    # The trajectory does not depend on where it stops (constant rate after warm-up, one data order):
+    # a run asked for more budgets later resumes this one.
+    recipe = {k: v for k, v in asdict(config).items() if k not in ("budgets", "checkpoint_every")}
+    key = json.loads(json.dumps({"config": recipe, "identity": identity or {}}))  # as read back
     state = load_state(folder, model, optimizer, key)
     state = state or {"key": key, "step": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "records": []}
     say = progress or (lambda message: None)
     for budget in config.budgets:
         if any(r["tokens"] == budget for r in state["records"]):
             continue
+        if config.steps_for(budget) < state["step"]:
+            raise HealError(f"{folder} is past {budget:,} tokens (step {state['step']}) and did not measure it there; "
+                            "heal in another folder to measure that budget")
         _train_to(model, optimizer, params, sequences, config, config.steps_for(budget), state, folder, say)
         model.eval()
         record = {"tokens": budget, "steps": state["step"], "cpu_seconds": round(state["cpu_seconds"], 1),
