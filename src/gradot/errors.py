@@ -79,5 +79,9 @@ class TaskDataError(GradotError):
         return type(self), (self.path, self.line, self.field, self.problem)
 
 
+class TaskDataUnavailableError(GradotError, FileNotFoundError):
+    """No folder holds the task data a run needs and it cannot be fetched (no network, offline)."""
+
+
 class UsageError(GradotError):
     """Bad command-line input (reported as one line, exit code 2)."""

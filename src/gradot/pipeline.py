@@ -66,6 +66,7 @@ class PipelineConfig:
     command: str = ""
     report_only: bool = False  # build the table from the cells already computed; compute nothing
     keep_checkpoints: bool = False  # keep fine-tuning checkpoints once their cell is done
+    revision: str | None = None  # a Hub model's branch, tag or commit
 
 
 def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
     a folder may be filled one task or method at a time, on any device.
     """
     return {
-        "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
+        "model": cfg.model, "revision": cfg.revision, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
         "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "learning_rates": learning_rates(cfg.learning_rate, cfg.full_learning_rate),
@@ -167,7 +168,11 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, model, tokenizer):
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.out = Path(cfg.out)
-        claim_output_folder(self.out, cell_settings(cfg), record=not cfg.report_only)
+        # Refused here when the folder's record differs; our record is written only before the first
+        # cell is computed, so a run that fails before that (bad data, a model that does not load)
+        # leaves nothing that would refuse its own corrected retry.
+        claim_output_folder(self.out, cell_settings(cfg), record=False)
+        self._recorded = cfg.report_only
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         if cfg.report_only:  # no model needed to read cells
             return
@@ -177,6 +182,12 @@ class Pipeline:
         self.split = split
 
     # -- caching ------------------------------------------------------------------------------
+    def _record_settings(self) -> None:
+        """Write the folder's settings record (once, before the first computation)."""
+        if not self._recorded:
+            claim_output_folder(self.out, cell_settings(self.cfg), record=True)
+            self._recorded = True
+
     def _cell(self, key: str, compute, label: str | None = None):
         path = self.out / "cells" / f"{key}.json"
         if path.exists():
@@ -185,6 +196,7 @@ class Pipeline:
         if self.cfg.report_only:
             return None
         self._stage(label or key)
+        self._record_settings()
         t0 = time.perf_counter()
         value = compute()
         value["seconds"] = round(time.perf_counter() - t0, 1)
@@ -239,6 +251,7 @@ class Pipeline:
             done = (folder / "manifest.json").exists()
             self._stage(f"{method}: compress the model (keep {self.cfg.keep})", cached=done)
         if not (folder / "manifest.json").exists() and not self.cfg.report_only:
+            self._record_settings()
             emulator = compress(self.model, self.tok, method, self.cfg.keep, self.cfg.compress_args)
             save_emulator(emulator, folder, overwrite=True, tokenizer=self.tok)
         return folder
