@@ -43,81 +43,81 @@ def _offline_env(tmp_path: Path) -> dict:
 
 LOAD = """
 import json, sys
+from gradot.cli import main
 from gradot.modeling import load_model
-for name, revision in json.loads(sys.argv[1]):
+attempts, compress_argv = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name, revision in attempts:
     try:
         model, tok = load_model(name, revision=revision)
         print(json.dumps({"type": model.config.model_type,
                           "sum": float(sum(p.detach().double().sum() for p in model.parameters()))}))
     except Exception as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+print(json.dumps({"compress": main(compress_argv)}))
 """
 
-
-def _load(env, cwd, *attempts):
-    """``load_model`` on each ``(name, revision)`` in one fresh process (the Hub's settings are read
-    at import): its result or its error, per attempt."""
-    done = subprocess.run([sys.executable, "-c", LOAD, json.dumps(attempts)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return [json.loads(line) for line in done.stdout.strip().splitlines()[-len(attempts):]]
+ATTEMPTS = [("tiny-org/tiny-llama", None), ("tiny-org/tiny-llama", REVISION), ("tiny-org/tiny-llama", "main"),
+            ("tiny-org/absent", None), ("tiny-org/tiny-llama", "f" * 40), ("org/bert", None), ("org/custom", None)]
 
 
-@pytest.fixture
-def hub_home(tmp_path):
-    folder = tmp_path / "saved"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", folder)
-    return tmp_path
-
-
-def test_hub_name_loads_from_the_cache_offline(hub_home):
-    """``ORG/NAME`` (and ``--revision``) through from_pretrained and the Hugging Face cache under
-    HF_HUB_OFFLINE=1: the same weights as the folder; an uncached name or revision is one error."""
-    env = _offline_env(hub_home)
-    want = float(sum(p.detach().double().sum() for p in tiny_model("llama").parameters()))
-    found = _load(env, hub_home, ("tiny-org/tiny-llama", None), ("tiny-org/tiny-llama", REVISION),
-                  ("tiny-org/tiny-llama", "main"), ("tiny-org/absent", None), ("tiny-org/tiny-llama", "f" * 40))
-    for got in found[:3]:
-        assert got.get("type") == "llama" and got["sum"] == pytest.approx(want, rel=1e-9), got
-    for got, hint in zip(found[3:], ("tiny-org/absent", "f" * 40)):
-        assert got.get("error") == "ModelLoadError" and "HF_HUB_OFFLINE" in got["message"] and hint in got["message"], got
-
-
-def test_hub_model_through_the_command_line(hub_home):
-    """The CLI takes the Hub name (and --revision) like any --model: compress an emulator from it."""
-    env = _offline_env(hub_home)
-    calib = hub_home / "calib.txt"
-    calib.write_text("the cat sat on the mat and it was a good day . " * 100)
-    done = subprocess.run([sys.executable, "-m", "gradot.cli", "compress", "--model", "tiny-org/tiny-llama",
-                           "--revision", REVISION, "--method", "uniform", "--keep", "0.5", "--out",
-                           str(hub_home / "emu"), "--calib", str(calib), "--calib-sequences", "2", "--calib-len", "16"],
-                          env=env, cwd=hub_home, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (hub_home / "emu" / "manifest.json").is_file()
-
-
-def test_hub_model_architecture_checked_and_remote_code_refused(tmp_path):
-    """The registry check runs on the config, before any weight is read; a model that needs its own
-    code is refused (trust_remote_code stays off)."""
+@pytest.fixture(scope="module")
+def offline_hub(tmp_path_factory):
+    """A Hugging Face cache holding a tiny Llama, a BERT config and a model that needs its own code;
+    one fresh process (the Hub's settings are read at import) under HF_HUB_OFFLINE=1 loads each of
+    ``ATTEMPTS`` and compresses the Llama through the command line: ``(results, home)``."""
     from transformers import BertConfig
 
-    env = _offline_env(tmp_path)
-    bert = tmp_path / "bert"
+    home = tmp_path_factory.mktemp("offline-hub")
+    saved = home / "saved"
+    tiny_model("llama").save_pretrained(saved)
+    tiny_tokenizer().save_pretrained(saved)
+    _hub_cache(home / "hf", "tiny-org/tiny-llama", saved)
+    bert = home / "bert"  # a config alone: the weights would be needed only after the registry check
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
-    _hub_cache(tmp_path / "hf", "org/bert", bert)  # a config alone: weights would be needed after the check
-
-    custom = tmp_path / "custom"
+    _hub_cache(home / "hf", "org/bert", bert)
+    custom = home / "custom"
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"model_type": "my_own_lm", "auto_map": {
         "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
     (custom / "configuration_my.py").write_text("raise SystemExit('remote code ran')\n")
-    _hub_cache(tmp_path / "hf", "org/custom", custom)
-    bert_result, custom_result = _load(env, tmp_path, ("org/bert", None), ("org/custom", None))
-    assert bert_result == {"error": "UnsupportedModelError", "message": bert_result["message"]}
-    assert "unsupported architecture 'bert'" in bert_result["message"]
-    assert custom_result["error"] == "ModelLoadError" and "org/custom" in custom_result["message"]
+    _hub_cache(home / "hf", "org/custom", custom)
+    calib = home / "calib.txt"
+    calib.write_text("the cat sat on the mat and it was a good day . " * 100)
+    compress = ["compress", "--model", "tiny-org/tiny-llama", "--revision", REVISION, "--method", "uniform",
+                "--keep", "0.5", "--out", str(home / "emu"), "--calib", str(calib), "--calib-sequences", "2",
+                "--calib-len", "16"]
+    done = subprocess.run([sys.executable, "-c", LOAD, json.dumps(ATTEMPTS), json.dumps(compress)],
+                          env=_offline_env(home), cwd=home, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]  # SystemExit from the model's own code would end it
+    results = [json.loads(line) for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    return results, home
+
+
+def test_hub_name_loads_from_the_cache_offline(offline_hub):
+    """``ORG/NAME`` (and ``--revision``) through from_pretrained and the Hugging Face cache under
+    HF_HUB_OFFLINE=1: the same weights as the folder; an uncached name or revision is one error."""
+    results, _ = offline_hub
+    want = float(sum(p.detach().double().sum() for p in tiny_model("llama").parameters()))
+    for got in results[:3]:
+        assert got.get("type") == "llama" and got["sum"] == pytest.approx(want, rel=1e-9), got
+    for got, hint in zip(results[3:5], ("tiny-org/absent", "f" * 40)):
+        assert got.get("error") == "ModelLoadError" and "HF_HUB_OFFLINE" in got["message"] and hint in got["message"], got
+
+
+def test_hub_model_through_the_command_line(offline_hub):
+    """The CLI takes the Hub name (and --revision) like any --model: compress an emulator from it."""
+    results, home = offline_hub
+    assert results[-1] == {"compress": 0}
+    assert json.loads((home / "emu" / "manifest.json").read_text())["slots"]
+
+
+def test_hub_model_architecture_checked_and_remote_code_refused(offline_hub):
+    """The registry check runs on the config, before any weight is read; a model that needs its own
+    code is refused (trust_remote_code stays off) without running it."""
+    results, _ = offline_hub
+    bert, custom = results[5:7]
+    assert bert["error"] == "UnsupportedModelError" and "unsupported architecture 'bert'" in bert["message"]
+    assert custom["error"] == "ModelLoadError" and "org/custom" in custom["message"]
 
 
 def test_revision_needs_a_hub_name(tiny_model_dir):

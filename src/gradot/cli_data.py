@@ -221,10 +221,9 @@ def _finetune(args) -> int:
 def cmd_eval(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
     from .lmeval_tasks import evaluate
+    from .lmeval_tasks import EVAL_TASKS, check_harness_tasks
     from .modeling import load_model
     from .progress import stage
-
-    from .lmeval_tasks import EVAL_TASKS, check_harness_tasks
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if not args.tasks and not args.data:
@@ -284,7 +283,8 @@ def cmd_pipeline(args) -> int:
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(REGISTRY))}")
     cfg = PipelineConfig(
-        model=args.model, revision=args.revision, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
+        model=args.model, revision=args.revision, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out,
+        full_ft=args.full_ft,
         adapter_ft=args.adapter_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
