@@ -28,15 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TaskDataUnavailableError
+from .tasks import TASKS, data_cache_dir, resolve_data_dir
 
 #: The text the default calibration and ``wikitext`` perplexity read, fetched with every task.
 TEXT = "wikitext"
 FETCHED_RECORD = "fetched.json"
-
-
-def data_cache_dir() -> Path:
-    """Where ``gradot data fetch`` writes by default (and the last place data is looked for)."""
-    return Path(os.environ.get("GRADOT_CACHE", Path.home() / ".cache" / "gradot")) / "data"
 
 
 # --------------------------------------------------------------------------- hub rows -> local rows
@@ -279,8 +275,6 @@ def fetch_task_data(names: Sequence[str], to: str | os.PathLike | None = None, p
 
 
 def _found_root(data_dir) -> Path | None:
-    from .tasks import resolve_data_dir
-
     try:
         return resolve_data_dir(data_dir)
     except FileNotFoundError:
@@ -289,8 +283,6 @@ def _found_root(data_dir) -> Path | None:
 
 def missing_files(names: Sequence[str], root: Path, splits: Sequence[str] = ("train", "validation")) -> list[Path]:
     """The files ``names`` need that the data folder ``root`` lacks."""
-    from .tasks import TASKS
-
     missing = []
     for name in names:
         if name == TEXT:

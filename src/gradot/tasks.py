@@ -554,6 +554,12 @@ TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 # --------------------------------------------------------------------------- public API
 
 
+def data_cache_dir() -> Path:
+    """Where ``gradot data fetch`` writes by default (:mod:`gradot.task_data`), the search's last stop:
+    ``$GRADOT_CACHE/data`` or ``~/.cache/gradot/data``."""
+    return Path(os.environ.get("GRADOT_CACHE", Path.home() / ".cache" / "gradot")).expanduser() / "data"
+
+
 def repository_data_dir() -> Path:
     """``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``)."""
     return Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -574,8 +580,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     candidates = []
     if os.environ.get(DATA_DIR_ENV):
         candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
-    from .task_data import data_cache_dir
-
     candidates += [Path.cwd() / ".." / "shared" / "data", repository_data_dir(),
                    data_cache_dir()]  # filled by `gradot data fetch`
     for path in candidates:
