@@ -32,6 +32,14 @@ EXTRA = {  # llama only: the first-order term, the statistics in chunks, the aut
     "gradot-global-layers-lpp1": ["gradot", "--allocation", "global-layers", "--layers-per-pass", "1"],
     "gradot-auto-lambda": ["gradot", "--allocation", "global", "--auto-lambda", "0.9"],
 }
+# Per-logit tolerance: float32 rounding, not a change of the emulator. Compression runs in float32
+# (KFAC factors, their eigendecompositions, SVDs) and another summation order (thread count,
+# LAPACK/BLAS kernels, the transformers version's forward) moves the weights' last bits, which the
+# decompositions amplify: seen 1.3e-6 on llama gradot-uniform between transformers releases (the
+# float32 forward alone: 3e-7); 5e-6 is ~170 float32 ulps at these logits' size (|logit| < 0.5).
+# The smallest real change recorded here (λ 0.1/0.2 on gradot-global) moves a logit by 5e-3, and
+# any change of ranks or kept channels already changes the manifest's hash.
+LOGIT_TOL = 5e-6
 CALIB_TEXT = "the cat sat on the mat and it was a good day for a walk in the park . " * 200
 
 
@@ -90,11 +98,9 @@ def test_emulator_unchanged_by_the_move(tmp_path_factory, recorded, arch, case):
     assert got["slot_sources"] == want["slot_sources"]
     assert got["manifest_sha256"] == want["manifest_sha256"]
     assert got["auto_lambda_cosines"] == pytest.approx(want["auto_lambda_cosines"], abs=1e-5)
-    assert got["logits_sample"] == pytest.approx(want["logits_sample"], abs=1e-6)
-    # Sums over every logit, held to the same 1e-6 per logit as the sample: another thread count's
-    # summation order (and LAPACK's threaded SVD) moves them by ~1e-8 per logit (seen: 9.5e-5 over
-    # 2 x 16 x VOCAB logits with two threads); any real change of the emulator moves them far more.
-    scale = 1e-6 * 2 * 16 * VOCAB
+    assert got["logits_sample"] == pytest.approx(want["logits_sample"], abs=LOGIT_TOL)
+    # Sums over every logit, held to the same tolerance per logit as the sample.
+    scale = LOGIT_TOL * 2 * 16 * VOCAB
     assert got["logits_sum"] == pytest.approx(want["logits_sum"], abs=scale)
     assert got["logits_abs_sum"] == pytest.approx(want["logits_abs_sum"], abs=scale)
 

@@ -113,7 +113,8 @@ def cmd_compress(args) -> int:
     with claim_output(args.out, args.overwrite):  # one writer per --out, refused before compressing
         t0 = time.perf_counter()
         with stage(f"loading model {args.model}"):
-            model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device, **placement)
+            model, tok = load_model(args.model, dtype=dtype, device="cpu" if placement else device,
+                                    revision=args.revision, **placement)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
         emulator = compress(model, tok, args.method, args.keep, vars(args))
@@ -138,7 +139,7 @@ def cmd_plugin(args) -> int:
     k = owner_split(args)
     with claim_output(args.out, args.overwrite):
         with stage(f"loading model {args.model}"):
-            model, tok = load_model(args.model)
+            model, tok = load_model(args.model, revision=args.revision)
         plug_in(model, args.adapter, k=k, max_change=args.max_change)
         with stage(f"writing {args.out}"), atomic_directory(args.out, args.overwrite) as tmp:
             model.save_pretrained(tmp)

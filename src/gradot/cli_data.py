@@ -33,11 +33,13 @@ def _task_list(value: str, known: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _tasks(value: str) -> list[str]:
-    """Tasks to evaluate: the eight tasks and wikitext (perplexity)."""
-    from .lmeval_tasks import EVAL_TASKS
-
-    return _task_list(value, EVAL_TASKS)
+def _task_names(value: str) -> list[str]:
+    """Tasks to evaluate: gradot's eight and wikitext, or any task the harness's registry knows
+    (checked once the registry is read, before the model loads)."""
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task in {value!r}")
+    return names
 
 
 def _train_tasks(value: str) -> list[str]:
@@ -94,11 +96,20 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="evaluate a model, an emulator, or a model with an adapter plugged in")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--model", help="'default', a local model folder, or a .gguf file")
+    target.add_argument("--model", help="'default', a local model folder, a .gguf file, or a Hub name ORG/NAME")
+    p.add_argument("--revision", default=None, help="with a Hub name: the branch, tag or commit to load")
     target.add_argument("--emulator", help="emulator directory")
     p.add_argument("--adapter", default=None, help="adapter directory to plug in first (into --model or --emulator)")
-    p.add_argument("--tasks", type=_tasks, required=True, help="comma-separated tasks (and 'wikitext' for perplexity)")
-    p.add_argument("--limit", type=positive_int, default=None, help="examples per task (default: the whole validation set)")
+    p.add_argument("--tasks", type=_task_names, default=None,
+                   help="comma-separated tasks: gradot's eight (local files) and 'wikitext' (perplexity), or any "
+                        "task or group of lm-evaluation-harness (its registry; it downloads their data)")
+    p.add_argument("--include-path", default=None, help="a folder of your own lm-evaluation-harness task yamls")
+    p.add_argument("--data", default=None,
+                   help="your own held-out file (the formats finetune --data reads): answer loss and perplexity")
+    p.add_argument("--max-length", type=int_at_least(2, "an integer >= 2"), default=256,
+                   help="with --data: tokens per example, as finetune --max-length")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="examples per task, or rows of --data (default: all)")
     p.add_argument("--data-dir", default=None, help="folder with the task files")
     p.add_argument("--eval-batch-size", type=positive_int, default=8,
                    help="examples per forward pass when scoring (memory, not results, depends on it)")
@@ -138,6 +149,7 @@ def add_commands(sub) -> None:
     p.set_defaults(handler=cmd_pipeline)
 
     _add_federate(sub)
+    _add_data(sub)
 
 
 def _records(args):
@@ -151,6 +163,13 @@ def _records(args):
     if isinstance(records, str):  # a plain-text file is one long text (cut into windows when tokenized)
         return [records]
     return [r if isinstance(r, str) else (r.prompt, r.continuation()) for r in records]
+
+
+def _held_out_records(path: str, limit: int | None):
+    """``eval --data``'s records, read as ``finetune --data`` reads them."""
+    from argparse import Namespace
+
+    return _records(Namespace(task=None, data=path, train_limit=limit))
 
 
 def cmd_finetune(args) -> int:
@@ -202,14 +221,27 @@ def _finetune(args) -> int:
 def cmd_eval(args) -> int:
     from .artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
     from .lmeval_tasks import evaluate
+    from .lmeval_tasks import EVAL_TASKS, check_harness_tasks
     from .modeling import load_model
     from .progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    if args.adapter:  # a wrong --adapter fails before the model loads
+    if not args.tasks and not args.data:
+        raise UsageError("nothing to evaluate: give --tasks, --data, or both")
+    # Everything that can fail without the model fails first: the adapter, the data, the task names.
+    if args.adapter:
         check_adapter_folder(args.adapter)
     if args.emulator and args.adapter_layers:
         raise UsageError("--adapter-layers: with --emulator, the split is the emulator's")
+    records = _held_out_records(args.data, args.limit) if args.data else None
+    ours = [t for t in args.tasks or [] if t in EVAL_TASKS]
+    harness = [t for t in args.tasks or [] if t not in EVAL_TASKS]
+    if harness:
+        check_harness_tasks(harness, args.include_path)
+    if ours:
+        from .task_data import TEXT, require_task_data
+
+        require_task_data([TEXT if t == "wikitext" else t for t in ours], args.data_dir, splits=("validation",))
     with stage(f"loading {'emulator ' + args.emulator if args.emulator else 'model ' + args.model}"
                + (f" with adapter {args.adapter}" if args.adapter else "")):
         if args.emulator:
@@ -219,13 +251,23 @@ def cmd_eval(args) -> int:
                 plug_into_emulator(emulator, args.adapter, max_change=args.max_change)
             model = emulator.model.to(dtype)
         else:
-            model, tok = load_model(args.model, dtype=dtype, device=device)
+            model, tok = load_model(args.model, dtype=dtype, device=device, revision=args.revision)
             if args.adapter:
                 plug_in(model, args.adapter, k=owner_split(args), max_change=args.max_change)
-    results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.eval_batch_size)
-    for task, metrics in results.items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{task}: {shown}")
+    results = {}
+    if args.tasks:
+        results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit,
+                           batch_size=args.eval_batch_size, include_path=args.include_path)
+        for task, metrics in results.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown}")
+    if records is not None:
+        from .held_out import held_out_loss
+
+        loss = held_out_loss(model, tok, records, batch_size=args.eval_batch_size, max_length=args.max_length)
+        results[f"data:{args.data}"] = loss
+        print(f"{args.data}: answer loss {loss['answer_loss']:.4f} ± {loss['answer_loss_stderr']:.4f}, "
+              f"perplexity {loss['perplexity']:.2f} ({loss['n']} examples, {loss['tokens']} answer tokens)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -241,7 +283,8 @@ def cmd_pipeline(args) -> int:
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {unknown}; known: {', '.join(sorted(REGISTRY))}")
     cfg = PipelineConfig(
-        model=args.model, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out, full_ft=args.full_ft,
+        model=args.model, revision=args.revision, methods=methods, tasks=args.tasks, keep=args.keep, out=args.out,
+        full_ft=args.full_ft,
         adapter_ft=args.adapter_ft,
         limit=args.limit, train_limit=args.train_limit, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
@@ -253,18 +296,56 @@ def cmd_pipeline(args) -> int:
         dtype=args.dtype,
         command="gradot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
-    # Settings that the output folder's cells were not computed with fail here, before the model loads.
-    claim_output_folder(Path(cfg.out), cell_settings(cfg), record=not cfg.report_only)
+    # Settings that the output folder's cells were not computed with, and missing task data, fail
+    # here, before the model loads (the record itself is written before the first cell is computed).
+    claim_output_folder(Path(cfg.out), cell_settings(cfg), record=False)
+    if not args.report_only:
+        from .task_data import TEXT, require_task_data
+
+        # the default calibration text (WikiText-2) lives in the data folder too
+        require_task_data(cfg.tasks + ([] if args.calib else [TEXT]), args.data_dir)
     model, tok = None, None
     if not args.report_only:
         from .progress import stage
 
         with stage(f"loading model {args.model}"):
-            model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device)
+            model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device,
+                                    revision=args.revision)
     info = Pipeline(cfg, model, tok).run()
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.md, results.json, results.png")
     return 0 if info else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# gradot data fetch: the task data from the Hugging Face Hub (gradot.task_data)
+
+
+def _fetch_names(value: str) -> list[str]:
+    from .task_data import SOURCES
+
+    return _task_list(value, tuple(SOURCES))
+
+
+def _add_data(sub) -> None:
+    from .task_data import SOURCES
+
+    p = sub.add_parser("data", help="task data: fetch the eight tasks from the Hugging Face Hub")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download the tasks' datasets (pinned revisions) into the local layout; "
+                                      "on an offline machine, copy the folder and pass --data-dir")
+    f.add_argument("--tasks", type=_fetch_names, default=",".join(SOURCES),
+                   help="comma-separated tasks (and 'wikitext', the calibration and perplexity text)")
+    f.add_argument("--to", default=None, help="folder to fill (default: ~/.cache/gradot/data, where runs look last)")
+    f.set_defaults(handler=cmd_data_fetch)
+
+
+def cmd_data_fetch(args) -> int:
+    from .task_data import FETCHED_RECORD, fetch_task_data
+
+    to = fetch_task_data(args.tasks, args.to)
+    print(f"task data in {to} ({', '.join(args.tasks)}; revisions and SHA-256 of every file in {to / FETCHED_RECORD})")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

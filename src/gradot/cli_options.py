@@ -40,7 +40,10 @@ positive_int = int_at_least(1, "a positive integer")
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M), a local Hugging Face model folder, or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M), a local Hugging Face model folder, a .gguf file, or a "
+                        "Hugging Face Hub name ORG/NAME (downloaded into the HF cache; HF_HUB_OFFLINE=1 reads only it)")
+    p.add_argument("--revision", default=None,
+                   help="with a Hub name: the branch, tag or commit to load (default: main)")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

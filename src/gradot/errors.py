@@ -87,6 +87,10 @@ class TokenCapError(GradotError):
     """A text encodes to more tokens than any tokenizer honestly makes of it (an expanding tokenizer)."""
 
 
+class TaskDataUnavailableError(GradotError, FileNotFoundError):
+    """No folder holds the task data a run needs and it cannot be fetched (no network, offline)."""
+
+
 class UsageError(GradotError):
     """Bad command-line input (reported as one line, exit code 2)."""
 

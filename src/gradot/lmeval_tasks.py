@@ -23,11 +23,13 @@ harness's own detokenizer and word counting (``word_perplexity``, ``byte_perplex
 ``bits_per_byte``).
 
 Everything is offline: no hub access (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` are set
-before the harness loads data) and no scan of the harness's 10k+ task yamls.
+before the harness loads data) and no scan of the harness's 10k+ task yamls. Any other task name
+is run through the harness's own registry (:func:`harness_task_manager`), as ``lm-eval`` runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -53,9 +55,11 @@ __all__ = [
     "SCORERS",
     "WIKITEXT",
     "build_configs",
+    "check_harness_tasks",
     "default_cache_dir",
     "evaluate",
     "example_to_doc",
+    "harness_task_manager",
     "task_config",
     "wikitext_config",
     "wikitext_documents",
@@ -251,17 +255,46 @@ def _flatten(task_results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def harness_task_manager(include_path: str | os.PathLike | None = None):
+    """The harness's own task registry (its 10k+ task yamls indexed: 10-40 s on 2 cores), plus the
+    yamls under ``include_path`` (a user's own tasks); indexed once per process and folder."""
+    return _task_manager(str(Path(include_path).resolve()) if include_path is not None else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def check_harness_tasks(names: Sequence[str], include_path: str | os.PathLike | None = None, manager=None):
+    """The harness's registry, after checking that it knows every name in ``names`` (tasks, groups
+    or tags); a ``GradotError`` naming the unknown ones otherwise."""
+    from .errors import GradotError
+
+    manager = manager or harness_task_manager(include_path)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise GradotError(f"unknown task(s) {unknown}: neither gradot's ({', '.join(EVAL_TASKS)}) nor "
+                          "lm-evaluation-harness's (`lm-eval ls tasks` lists them; a task of your own: --include-path)")
+    return manager
+
+
 def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike | None = None,
              limit: int | None = None, batch_size: int = 8, device: str | None = None,
              cache_dir: str | os.PathLike | None = None, max_length: int | None = None,
-             split: str = "validation", bootstrap_iters: int = 1000, scorer: str = "fast"
-             ) -> dict[str, dict[str, float]]:
+             split: str = "validation", bootstrap_iters: int = 1000, scorer: str = "fast",
+             include_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     """Zero-shot evaluation of an in-memory Hugging Face causal LM with lm-evaluation-harness.
 
     Args:
         model: a ``transformers.PreTrainedModel`` (e.g. an emulator with adapters plugged in).
         tokenizer: its tokenizer (a ``PreTrainedTokenizerFast``/``PreTrainedTokenizer``).
-        tasks: names from ``EVAL_TASKS``; ``"wikitext"`` gives perplexity.
+        tasks: names from ``EVAL_TASKS`` (``"wikitext"`` gives perplexity), read from the local
+            files; any other name is a task (or group) of the harness's own registry, run as
+            the harness runs it (its dataset downloaded through ``datasets``; its results under
+            its own names, a group's subtasks included).
         data_dir: folder with the task files (see :func:`gradot.tasks.resolve_data_dir`).
         limit: evaluate only the first ``limit`` examples (documents for wikitext) per task.
         batch_size: harness batch size (wikitext's rolling windows always go one at a time).
@@ -275,6 +308,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         scorer: ``"fast"`` (:class:`gradot.scorer.FastHFLM`: each context once, the head only
             on continuation tokens; ``batch_size`` counts contexts) or ``"stock"`` (the
             harness's ``HFLM``; ``batch_size`` counts requests). Same scores to float rounding.
+        include_path: a folder of the user's own harness task yamls (for the harness's tasks).
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}`` for multiple
@@ -282,8 +316,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         for webquestions, ``{"word_perplexity", "byte_perplexity", "bits_per_byte", "n"}`` for
         wikitext. ``n`` is the number of examples scored.
     """
-    _offline()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    harness = [t for t in tasks if t not in EVAL_TASKS]
+    if not harness:
+        _offline()
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
@@ -301,8 +337,15 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     # Perplexity scores rolling windows as long as the context (8192 tokens for the default model):
     # at batch 8 their logits over a 49k vocabulary need ~25 GB, so one window at a time (the
     # harness's own default); the multiple-choice tasks keep ``batch_size``.
-    groups = [([t for t in tasks if t != WIKITEXT], batch_size), ([t for t in tasks if t == WIKITEXT], 1)]
+    groups = [([t for t in tasks if t != WIKITEXT and t not in harness], batch_size),
+              ([t for t in tasks if t == WIKITEXT], 1)]
     results: dict[str, dict[str, float]] = {}
+    if harness:  # the harness's own tasks, through its registry, downloading as it does
+        manager = check_harness_tasks(harness, include_path)
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        out = lm_eval.simple_evaluate(model=lm, tasks=harness, limit=limit, bootstrap_iters=bootstrap_iters,
+                                      log_samples=False, task_manager=manager)
+        results.update({name: _flatten(row) | _count(out, name) for name, row in out["results"].items()})
     for group, group_batch in groups:
         if not group:
             continue
@@ -317,7 +360,13 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
             task_manager=TaskManager(include_defaults=False),
         )
         results.update(_collect(out, group))
-    return {t: results[t] for t in tasks}
+    ours = {t: results[t] for t in tasks if t not in harness}
+    return {**ours, **{name: v for name, v in results.items() if name not in ours}}
+
+
+def _count(out: dict[str, Any], key: str) -> dict[str, int]:
+    n = out.get("n-samples", {}).get(key, {})
+    return {"n": n["effective"]} if "effective" in n else {}
 
 
 def _collect(out: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:

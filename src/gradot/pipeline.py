@@ -60,6 +60,7 @@ class PipelineConfig:
     command: str = ""
     report_only: bool = False  # build the table from the cells already computed; compute nothing
     keep_checkpoints: bool = False  # keep fine-tuning checkpoints once their cell is done
+    revision: str | None = None  # a Hub model's branch, tag or commit
 
 
 def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def cell_settings(cfg: PipelineConfig) -> dict[str, Any]:
     a folder may be filled one task or method at a time, on any device.
     """
     return {
-        "model": cfg.model, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
+        "model": cfg.model, "revision": cfg.revision, "keep": cfg.keep, "dtype": cfg.dtype, "limit": cfg.limit,
         "train_limit": cfg.train_limit, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "learning_rates": learning_rates(cfg.learning_rate, cfg.full_learning_rate),
@@ -131,7 +132,11 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, model, tokenizer):
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.out = Path(cfg.out)
-        claim_output_folder(self.out, cell_settings(cfg), record=not cfg.report_only)
+        # Refused here when the folder's record differs; our record is written only before the first
+        # cell is computed, so a run that fails before that (bad data, a model that does not load)
+        # leaves nothing that would refuse its own corrected retry.
+        claim_output_folder(self.out, cell_settings(cfg), record=False)
+        self._recorded = cfg.report_only
         self.cells = CellStore(self.out / "cells", report_only=cfg.report_only)
         if cfg.report_only:  # no model needed to read cells
             return
@@ -141,8 +146,19 @@ class Pipeline:
         self.split = split
 
     # -- caching ------------------------------------------------------------------------------
+    def _record_settings(self) -> None:
+        """Write the folder's settings record (once, before the first computation)."""
+        if not self._recorded:
+            claim_output_folder(self.out, cell_settings(self.cfg), record=True)
+            self._recorded = True
+
     def _cell(self, key: str, compute, label: str | None = None):
-        return self.cells.cell(key, compute, on_stage=lambda cached: self._stage(label or key, cached=cached))
+        def stage(cached: bool) -> None:
+            self._stage(label or key, cached=cached)
+            if not cached:
+                self._record_settings()
+
+        return self.cells.cell(key, compute, on_stage=stage)
 
     def _evaluate(self, model, task: str) -> dict:
         t0 = time.perf_counter()
@@ -190,6 +206,7 @@ class Pipeline:
             done = (folder / "manifest.json").exists()
             self._stage(f"{method}: compress the model (keep {self.cfg.keep})", cached=done)
         if not (folder / "manifest.json").exists() and not self.cfg.report_only:
+            self._record_settings()
             emulator = compress(self.model, self.tok, method, self.cfg.keep, self.cfg.compress_args)
             save_emulator(emulator, folder, overwrite=True, tokenizer=self.tok)
         return folder

@@ -179,17 +179,55 @@ def plot(table: dict, cfg, path: Path, transfer: dict | None = None) -> None:
     # Below the axes: inside them the legend hid the tallest bars.
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     if transfer:
-        cols = [*cfg.tasks, "avg"]
-        tw = 0.8 / len(transfer)
-        for i, (method, row) in enumerate(transfer.items()):
-            xs = [t + i * tw for t in range(len(cols))]
-            tax.bar(xs, [row.get(c, (float("nan"), 0))[0] for c in cols], tw,
-                    yerr=[row.get(c, (0, 0))[1] for c in cols], label=method, capsize=2)
-        tax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        tax.set_xticks([t + 0.4 - tw / 2 for t in range(len(cols))], cols)
-        tax.set_ylabel("transfer")
-        tax.set_ylim(-0.5, 1.5)  # a task with almost no gain has a wild ratio: keep the scale readable
-        tax.legend(fontsize=7, ncol=4, frameon=False)
+        _plot_transfer(tax, transfer, [*cfg.tasks, "avg"], no_gain_columns(table, [*cfg.tasks, "avg"]))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+#: The transfer panel's range: a task with almost no gain has a wild ratio; values beyond are marked.
+TRANSFER_RANGE = (-0.5, 1.5)
+
+
+def no_gain_columns(table: dict, cols: list[str]) -> set[str]:
+    """Columns where Adapter FT does not beat Full ZS by more than the standard error of their
+    difference: there is no gain to transfer, and a ratio would be noise over noise."""
+    zs, ceiling = table.get("Full ZS", {}), table.get("Adapter FT", {})
+    return {c for c in cols if c in zs and c in ceiling
+            and ceiling[c][0] - zs[c][0] <= math.hypot(ceiling[c][1], zs[c][1])}
+
+
+def _plot_transfer(ax, transfer: dict, cols: list[str], no_gain: set[str]) -> None:
+    """Each method's transfer per column: a bar and a dot at its value (a 0.0 stays visible), the
+    error bar clipped to the panel, an arrow and the number where the value lies outside the panel's
+    range, and "no gain to transfer" instead of a bar where Adapter FT did not beat Full ZS."""
+    low, high = TRANSFER_RANGE
+    tw = 0.8 / len(transfer)
+    for i, (method, row) in enumerate(transfer.items()):
+        color = f"C{i}"
+        for j, col in enumerate(cols):
+            x = j + i * tw
+            if col in no_gain or col not in row or math.isnan(row[col][0]):
+                continue
+            value, err = row[col]
+            shown = min(max(value, low), high)
+            ax.bar(x, shown, tw, color=color, alpha=0.8)
+            ax.errorbar(x, shown, yerr=[[min(err, shown - low)], [min(err, high - shown)]], color="black",
+                        lw=0.8, capsize=2)
+            ax.plot(x, shown, "o", color="black", ms=2.5)
+            if value != shown:  # outside the range: an arrow at the edge and the value
+                ax.annotate(f"{value:.1f}", (x, shown), xytext=(0, 6 if value > high else -12),
+                            textcoords="offset points", ha="center", fontsize=6)
+                ax.plot(x, shown, "^" if value > high else "v", color=color, ms=6, mec="black", mew=0.5)
+        ax.bar([], [], color=color, label=method)  # a legend entry per method
+    for j, col in enumerate(cols):
+        if col in no_gain:
+            ax.text(j + 0.4 - tw / 2, (low + high) / 2, "no gain\nto transfer", ha="center", va="center",
+                    fontsize=7, color="dimgrey")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xticks([t + 0.4 - tw / 2 for t in range(len(cols))], cols)
+    ax.set_ylabel("transfer")
+    ax.set_ylim(low - 0.1, high + 0.1)  # room for the arrows at the edges
+    # Below the axes, as the accuracy panel's: inside them it hid bars and error bars.
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)

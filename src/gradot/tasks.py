@@ -25,7 +25,8 @@ Data folder
 ``data_dir`` may be any folder laid out like ``shared/data`` (one sub-folder per task,
 original file names). When it is not given, ``$GRADOT_DATA_DIR`` is used, then
 ``../shared/data`` relative to the working directory, then the ``shared/data`` folder
-beside this repository.
+beside this repository, then the copy ``gradot data fetch`` writes (``~/.cache/gradot/data``;
+:mod:`gradot.task_data`).
 
 Malformed data raises :class:`TaskDataError` naming the file, the line and the field;
 no row is ever skipped silently.
@@ -43,7 +44,7 @@ from dataclasses import field as dataclass_field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Union
-from .errors import TaskDataError  # noqa: F401  (re-exported)
+from .errors import TaskDataError, TaskDataUnavailableError  # noqa: F401  (re-exported)
 
 __all__ = [
     "TARGET_DELIMITER",
@@ -553,27 +554,41 @@ TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 # --------------------------------------------------------------------------- public API
 
 
+def data_cache_dir() -> Path:
+    """Where ``gradot data fetch`` writes by default (:mod:`gradot.task_data`), the search's last stop:
+    ``$GRADOT_CACHE/data`` or ``~/.cache/gradot/data``."""
+    return Path(os.environ.get("GRADOT_CACHE", Path.home() / ".cache" / "gradot")).expanduser() / "data"
+
+
+def repository_data_dir() -> Path:
+    """``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding the task sub-folders.
 
     Order: the argument, ``$GRADOT_DATA_DIR``, ``../shared/data`` from the working directory,
-    then ``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``).
+    then ``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``), then
+    the fetched copy (:func:`gradot.task_data.data_cache_dir`).
     """
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"data folder not found: {path}")
+            raise TaskDataUnavailableError(f"data folder not found: {path} (--data-dir)")
         return path.resolve()
     candidates = []
     if os.environ.get(DATA_DIR_ENV):
         candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
-    candidates += [Path.cwd() / ".." / "shared" / "data",
-                   Path(__file__).resolve().parents[3] / "shared" / "data"]
+    candidates += [Path.cwd() / ".." / "shared" / "data", repository_data_dir(),
+                   data_cache_dir()]  # filled by `gradot data fetch`
     for path in candidates:
         if path.is_dir():
             return path.resolve()
     tried = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(f"no data folder found (tried {tried}); pass data_dir= or set ${DATA_DIR_ENV}")
+    raise TaskDataUnavailableError(
+        f"no task data found (tried {tried}): pass --data-dir DIR (or set ${DATA_DIR_ENV}), or run "
+        "`gradot data fetch` (on a machine with network; copy its folder here)")
 
 
 def _spec(name: str) -> TaskSpec:
