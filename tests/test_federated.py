@@ -39,10 +39,10 @@ def _emulator(seed=0):
 
 
 def _settings(**kw):
-    """The tests' federation; clip=0 (no clipping) unless a test sets it, so that the aggregate is
-    exactly FedAvg's and can be compared with a hand-computed one."""
+    """The tests' federation; clip=0 (no clipping) and max_change=0 (no change bound) unless a test sets
+    them, so that the aggregate is exactly FedAvg's and each defence is tested where it is set."""
     base = dict(rounds=1, local_steps=2, lr=1e-2, batch_size=2, max_length=32, min_clients=2, min_available=2,
-                round_timeout=60, seed=0, clip=0.0)
+                round_timeout=60, seed=0, clip=0.0, max_change=0.0)
     base.update(kw)
     return FederationSettings(**base)
 
@@ -140,7 +140,12 @@ def test_an_implausibly_large_update_is_left_out_under_max_change(caplog):
     with caplog.at_level(logging.WARNING, logger="gradot.federated.apps"):
         record, _, _ = _federate(_settings(min_available=3, max_change=0.0), clients)  # the bound turned off
     assert len(record["rounds"][0]["accepted"]) == 3 and "no plausible" in caplog.text  # warned, as plug_in
-    for settings in (_settings(min_available=3), _settings(min_available=3, max_change=1.0)):  # default: plug_in's 10x
+    from dataclasses import fields
+
+    from gradot.artifacts import DEFAULT_MAX_CHANGE
+
+    assert next(f.default for f in fields(FederationSettings) if f.name == "max_change") == DEFAULT_MAX_CHANGE
+    for settings in (_settings(min_available=3, max_change=DEFAULT_MAX_CHANGE), _settings(min_available=3, max_change=1.0)):
         record, _, _ = _federate(settings, clients)
         rnd = record["rounds"][0]
         assert len(rnd["accepted"]) == 2 and "more than the allowed" in rnd["excluded"][0]["reason"]
