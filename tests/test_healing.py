@@ -71,7 +71,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     model = trainable_parameters(tiny_model("llama"), "all", [2, 3])
     heal(model, _sequences(), HealConfig(budgets=(0, 16), seq_len=8, batch_size=2), _measure, tmp_path / "c")
     with pytest.raises(HealError, match="other settings"):
-        heal(model, _sequences(), HealConfig(budgets=(0, 16), seq_len=8, batch_size=2, lr=3e-4), _measure,
+        heal(model, _sequences(), HealConfig(budgets=(0, 16), seq_len=8, batch_size=2, lr=1e-3), _measure,
              tmp_path / "c")
 
 
