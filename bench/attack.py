@@ -33,11 +33,11 @@ import torch
 from gradot.artifacts import load_emulator, plug_in, save_adapter, save_emulator
 from gradot.stats.calib import CalibrationSpec, calibration_batches
 from gradot.finetune import FinetuneConfig, encode_pair, finetune_adapter, task_records
-from gradot.lmeval_tasks import evaluate
+from gradot.evaluation.lmeval import evaluate
 from gradot.modeling import load_model
-from gradot.proxy import perplexity
+from gradot.analysis.proxy import perplexity
 from gradot.split import split_model
-from gradot.tasks import load_task, resolve_data_dir
+from gradot.evaluation.tasks import load_task, resolve_data_dir
 from gradot.methods import DEFAULT_KEEP
 from common import build_emulator, git_commit  # bench/ is on sys.path when a script runs
 

@@ -25,7 +25,7 @@ from gradot.methods.gradot.auto_lambda import DEFAULT_GRID
 from gradot.methods.gradot import GradOTConfig, gradot_emulator, middle_linears, rescore, score_middle
 from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
-from gradot.proxy import adapter_gradients
+from gradot.analysis.proxy import adapter_gradients
 from gradot.split import split_model
 from gradot.methods import DEFAULT_KEEP
 

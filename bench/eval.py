@@ -1,6 +1,6 @@
 """Evaluation speed: the harness's own ``HFLM`` against gradot's ``FastHFLM``, in one run.
 
-Each task's first ``--limit`` rows are scored by ``gradot.lmeval_tasks.evaluate`` (the path of
+Each task's first ``--limit`` rows are scored by ``gradot.evaluation.lmeval.evaluate`` (the path of
 ``gradot eval`` and ``gradot pipeline``) once with ``scorer="stock"`` and once with
 ``scorer="fast"``, alternating which goes first, on the same loaded model. Reported per task:
 log-likelihood requests, wall and CPU seconds of the scoring calls (``loglikelihood`` /
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from gradot.lmeval_tasks import EVAL_TASKS, SCORERS, evaluate
-from gradot.tasks import TASK_NAMES
+from gradot.evaluation.lmeval import EVAL_TASKS, SCORERS, evaluate
+from gradot.evaluation.tasks import TASK_NAMES
 from common import git_commit, gpu_sync, machine, write_markdown  # bench/ is on sys.path when a script runs
 
 

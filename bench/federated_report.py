@@ -88,8 +88,8 @@ def main() -> None:
     adapter_ft = single("adapter-ft")
 
     def transfer(a):
-        """(value, conservative standard error) from gradot.transfer.accuracy_transfer."""
-        from gradot.transfer import accuracy_transfer
+        """(value, conservative standard error) from gradot.analysis.transfer.accuracy_transfer."""
+        from gradot.analysis.transfer import accuracy_transfer
 
         if a is None or adapter_ft is None or adapter_ft["plugin"] is None or full_zs is None:
             return None

@@ -14,7 +14,7 @@ WikiText-2 text (loss on every token); ``--data pairs``, a task's training (ques
 
 Each setting runs once per ``--losses`` entry, in the same run: ``stock``, the model's own loss over
 full logits (before issue 12), and ``head-at-labels``, the LM head applied only at labelled positions
-in chunks (``gradot.head_loss``, the library's default).
+in chunks (``gradot.evaluation.head_loss``, the library's default).
 The first ``--warmup`` steps are discarded; tokens per second are averaged over the next
 ``--steps`` optimizer steps (data loading, forward, backward, optimizer). Peak memory is the
 process's peak resident set size while those steps ran (sampled every 5 ms), minus the resident
@@ -103,7 +103,7 @@ def worker(args) -> dict:
 
     from gradot.artifacts import load_emulator, load_emulator_tokenizer
     from gradot.finetune import FinetuneConfig, FinetuneDataset, finetune_adapter, finetune_full
-    from gradot.head_loss import HeadAtLabels
+    from gradot.evaluation.head_loss import HeadAtLabels
     from gradot.modeling import load_model
 
     if args.threads:
@@ -121,7 +121,7 @@ def worker(args) -> dict:
     total_steps = args.warmup + args.steps + 1  # + one step whose FLOPs are counted
     if args.data == "pairs":
         from gradot.finetune import task_records
-        from gradot.tasks import load_task
+        from gradot.evaluation.tasks import load_task
 
         records = task_records(load_task(args.task, "train", limit=total_steps * args.batch_size))
         data = FinetuneDataset(tok, records, args.seq_len)

@@ -157,7 +157,7 @@ def accuracy_points(folders: list[str]) -> list[dict]:
 
 def healing_points(heal_dir: Path, acc: list[dict], tasks: list[str]) -> list[dict]:
     """Per healed emulator (method, keep; calibration samples averaged) and budget: the shares of the
-    random-middle reference's gap that healing left (``gradot.audit.gaps``), beside the emulator's mean
+    random-middle reference's gap that healing left (``gradot.analysis.audit.gaps``), beside the emulator's mean
     accuracy transfer over the pipeline tasks (same method and keep). Needs ``heal.json``
     (``bench/heal.py --report-only``)."""
     report = json.loads((heal_dir / "heal.json").read_text())

@@ -1,5 +1,5 @@
 """The healing matrix: every emulator healed on public text at log-spaced budgets, against the
-original and the random-middle reference (``gradot.healing``, ``gradot.audit``).
+original and the random-middle reference (``gradot.analysis.healing``, ``gradot.analysis.audit``).
 
 One process heals one emulator (or the reference) and publishes its records as they come to
 ``OUT/cells/<label>.json``; checkpoints live under ``--state`` (outside the repository: they are
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from gradot.audit import DEFAULT_TASKS, gaps, heal_copy, measurer, perplexity_sequences, random_middle_reference
-from gradot.healing import HealConfig, attack_sequences, default_attack_files
+from gradot.analysis.audit import DEFAULT_TASKS, gaps, heal_copy, measurer, perplexity_sequences, random_middle_reference
+from gradot.analysis.healing import HealConfig, attack_sequences, default_attack_files
 from gradot.modeling import load_model
 from gradot.split import split_model
-from gradot.tasks import resolve_data_dir
+from gradot.evaluation.tasks import resolve_data_dir
 from common import git_commit, machine  # bench/ is on sys.path when a script runs
 
 
@@ -110,17 +110,38 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _provenance(cells: dict) -> str:
+    """Which commits, dates and machines the cells come from (each cell holds its own command)."""
+    seen = sorted({(c.get("commit", "?"), c.get("date", "?")[:10], c.get("machine", "?")) for c in cells.values()})
+    return "Cells from: " + "; ".join(f"commit {c}, {d}, {m}" for c, d, m in seen) + "."
+
+
+def _plain_report(out: Path, cells: dict) -> None:
+    """A folder without the original (the learning-rate sweep): perplexity per cell and budget."""
+    lines = ["# Healing cells", "", f"Each cell's command is in cells/*.json; this table: `python bench/heal.py "
+             f"--report-only --out {out}`.", "", _provenance(cells), "",
+             "| cell | lr | tokens | CPU-s | perplexity |", "|---|---|---|---|---|"]
+    for label, cell in sorted(cells.items()):
+        lr = cell["settings"]["heal"]["lr"]
+        lines += [f"| {label} | {lr:g} | {r['tokens']:,} | {r['cpu_seconds']:.0f} | {r['perplexity']:.1f} |"
+                  for r in cell["records"]]
+    (out / "heal.json").write_text(json.dumps({"cells": cells}, indent=1))
+    (out / "heal.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def report(out: Path) -> None:
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
     original = cells.pop("original", {}).get("original")
     if original is None:
-        raise SystemExit(f"{out}/cells/original.json missing: run --label original first")
+        return _plain_report(out, cells)
     reference = cells.pop("reference", {}).get("records")
     tasks = [t for t in DEFAULT_TASKS if t in original]
     rows, lines = {}, ["# The healing matrix", "",
                        "Every emulator fine-tuned whole (AdamW, every parameter) on public text, measured at each "
                        "budget. Commands per cell are in cells/*.json; the report: `python bench/heal.py "
                        f"--report-only --out {out}`.", "",
+                       _provenance(cells), "",
                        f"Original: perplexity {original['perplexity']:.2f}, "
                        + ", ".join(f"{t} {original[t]:.3f}" for t in tasks), ""]
     head = ["emulator", "tokens", "CPU-s", "perplexity", "ppl protected"] + tasks + ["acc protected"]

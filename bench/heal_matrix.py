@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gradot.healing import HealConfig
+from gradot.analysis.healing import HealConfig
 
 FULL = "0,32768,262144,1048576"  # the key emulators and the reference go to 1 M tokens
 SHORT = "0,32768,262144"

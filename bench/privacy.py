@@ -8,7 +8,7 @@ Per method at the same budget (``--keep``), on one model:
     that layer (nothing -> Ŵ = 0), ``best`` also tries every same-role, same-shape matrix the
     emulator ships for another layer (chosen with the original in hand: an optimistic bound);
     aggregated as the mean over matrices, the block-level error, and the fraction of middle-block
-    parameters shipped bit-exactly (see ``gradot.privacy``);
+    parameters shipped bit-exactly (see ``gradot.analysis.privacy``);
 (b) emulator token perplexity on the first tokens of WikiText-2 test (not the harness's word
 perplexity) against the original's;
 (c) from a pipeline results JSON (``--pipeline-json``, optional): Emu ZS accuracy and
@@ -21,7 +21,7 @@ their budget is ``--distill-steps`` steps of ``--distill-batch`` sequences (defa
 results/trained recipe, 30 steps of 4 × 128 tokens, minutes on a CPU; the command line's default is
 100 steps). ``--option NAME=VALUE`` sets any other registered method option (``init=gradot``,
 ``harmonizer_lr=3e-3``). A trained layer is measured against the original layer its slot names; its
-entries are not bit-exact (see ``gradot.privacy``).
+entries are not bit-exact (see ``gradot.analysis.privacy``).
 
     nice -n 10 python bench/privacy.py --model default --keep 0.4 --calib-sequences 8 --calib-len 256 --ppl-sequences 4
     OMP_NUM_THREADS=1 nice -n 10 python bench/privacy.py --model default --keep 0.4 --calib-sequences 8 \
@@ -48,10 +48,10 @@ from gradot.methods import DEFAULT_KEEP
 from gradot.methods.gradot import middle_linears
 from gradot.stats.kfac import collect_kfac
 from gradot.modeling import load_model
-from gradot.privacy import measure
-from gradot.proxy import perplexity
+from gradot.analysis.privacy import measure
+from gradot.analysis.proxy import perplexity
 from gradot.split import split_model
-from gradot.tasks import resolve_data_dir
+from gradot.evaluation.tasks import resolve_data_dir
 from common import build_emulator, git_commit, method_variant  # bench/ is on sys.path when a script runs
 
 METHODS = ("uniform", "crash", "svd", "gradot", "gradot-global-layers", "distill", "scaleot")

@@ -30,9 +30,9 @@ from gradot.methods import get
 from gradot.methods.gradot import middle_linears
 from gradot.stats.kfac import collect_kfac, forward_backward_floor
 from gradot.modeling import load_model
-from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
+from gradot.analysis.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
 from gradot.split import split_model
-from gradot.tasks import load_task, resolve_data_dir
+from gradot.evaluation.tasks import load_task, resolve_data_dir
 from common import build_emulator, git_commit, method_variant  # bench/ is on sys.path when a script runs
 
 

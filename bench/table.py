@@ -25,7 +25,7 @@ from pathlib import Path
 from common import git_commit  # bench/ is on sys.path when a script runs
 from gradot.pipeline import folder_cells
 from gradot.pipeline_report import markdown_table, tables
-from gradot.tasks import TASK_NAMES
+from gradot.evaluation.tasks import TASK_NAMES
 
 
 def parse_args(argv=None):

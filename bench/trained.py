@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
     from gradot.methods import Calibration, get, make_config
     from gradot.provenance import git_commit
-    from gradot.proxy import perplexity
+    from gradot.analysis.proxy import perplexity
     from gradot.split import split_model
     from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
 

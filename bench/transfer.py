@@ -48,15 +48,15 @@ from gradot.cells import CellStore, claim_folder
 from gradot.methods import DEFAULT_KEEP, get, make_config, method_options
 from gradot.methods.uniform import uniform_emulator
 from gradot.stats.calib import CalibrationSpec, calibration_batches, default_calibration_path
-from gradot.compensate import compensate
+from gradot.analysis.compensate import compensate
 from gradot.emulator import Emulator
 from gradot.errors import GradotError
 from gradot.finetune import TASK_LR, FinetuneConfig, finetune_adapter, task_records
 from gradot.modeling import load_model
-from gradot.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
+from gradot.analysis.proxy import adapter_gradients, cosines, encode_pairs, mean_and_stderr, perplexity
 from gradot.split import adapter_state_dict, split_model
-from gradot.tasks import load_task, resolve_data_dir
-from gradot.transfer import answer_losses, loss_transfer
+from gradot.evaluation.tasks import load_task, resolve_data_dir
+from gradot.analysis.transfer import answer_losses, loss_transfer
 from common import git_commit  # bench/ is on sys.path when a script runs
 
 def _option_default(name: str):

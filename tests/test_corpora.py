@@ -16,7 +16,7 @@ from gradot.corpora import (
     load_jsonl_texts,
     load_text,
 )
-from gradot.tasks import TaskDataError
+from gradot.evaluation.tasks import TaskDataError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI = DATA / "text" / "wikitext-2-raw" / "wiki.test.raw"

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from gradot.artifacts import load_emulator
-from gradot.cli import UsageError, main, resolve_device
+from gradot.cli.app import UsageError, main, resolve_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
 
@@ -108,7 +108,7 @@ def test_fast_scorer_on_the_gpu_scores_as_the_harness():
     from lm_eval.models.huggingface import HFLM
     from test_scorer import _requests
 
-    from gradot.scorer import FastHFLM
+    from gradot.evaluation.scorer import FastHFLM
 
     model, tok = tiny_model("llama").eval(), tiny_tokenizer()
     requests = _requests(model, max_length=48)

@@ -257,7 +257,7 @@ def test_flower_telemetry_is_off_wherever_gradot_starts_flower():
 def test_federate_lr_defaults_to_finetunes_rate():
     import argparse
 
-    from gradot.cli_data import _federation_arguments
+    from gradot.cli.data_owner import _federation_arguments
     from gradot.federated.commands import _settings
     from gradot.finetune import default_learning_rate
 
@@ -272,7 +272,7 @@ def test_federate_cli_defaults_are_the_settings_defaults():
     """What the command line leaves unset is FederationSettings' default (one place for each)."""
     import argparse
 
-    from gradot.cli_data import _federation_arguments
+    from gradot.cli.data_owner import _federation_arguments
     from gradot.federated.commands import _settings
 
     p = argparse.ArgumentParser()

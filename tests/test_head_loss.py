@@ -6,7 +6,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from gradot.finetune import CausalLMCollator, FinetuneConfig, FinetuneDataset, output_head
 from gradot.finetune.training import _trainer_class, _training_arguments, _with_lora
-from gradot.head_loss import HeadAtLabels, head_at_labels_loss, linear_cross_entropy
+from gradot.evaluation.head_loss import HeadAtLabels, head_at_labels_loss, linear_cross_entropy
 
 PAIRS = [
     ("Question : the a of b Answer :", " c"),

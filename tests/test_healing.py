@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_model, tiny_tokenizer
-from gradot.audit import audit_budgets, check_fits, gaps, random_middle_reference
+from gradot.analysis.audit import audit_budgets, check_fits, gaps, random_middle_reference
 from gradot.errors import HealError
-from gradot.healing import HealConfig, attack_sequences, heal, read_documents, trainable_parameters
+from gradot.analysis.healing import HealConfig, attack_sequences, heal, read_documents, trainable_parameters
 from gradot.registry import decoder_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gradot.lmeval_tasks import (  # noqa: E402
+from gradot.evaluation.lmeval import (  # noqa: E402
     EVAL_TASKS,
     build_configs,
     evaluate,
@@ -24,7 +24,7 @@ from gradot.lmeval_tasks import (  # noqa: E402
     write_task_docs,
 )
 from gradot.corpora import load_text  # noqa: E402
-from gradot.tasks import load_task  # noqa: E402
+from gradot.evaluation.tasks import load_task  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -144,7 +144,7 @@ def test_pipeline_rejects_unknown_task_and_method(capsys):
 def test_finetune_records_from_a_plain_text_file(tmp_path):
     from argparse import Namespace
 
-    from gradot.cli_data import _records
+    from gradot.cli.data_owner import _records
     path = tmp_path / "notes.txt"
     path.write_text("the cat sat on the mat . " * 10)
     records = _records(Namespace(task=None, data=str(path), data_dir=None, train_limit=None))

@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from gradot.lmeval_tasks import EVAL_TASKS, HARNESS_PREFIX, build_configs  # noqa: E402
-from gradot.scorer import FastHFLM, _runs  # noqa: E402
+from gradot.evaluation.lmeval import EVAL_TASKS, HARNESS_PREFIX, build_configs  # noqa: E402
+from gradot.evaluation.scorer import FastHFLM, _runs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

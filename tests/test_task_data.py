@@ -1,5 +1,5 @@
-"""Task data from the Hugging Face Hub (gradot.task_data): rows in each Hub dataset's schema become
-the local layout that gradot.tasks reads; `gradot data fetch` from a pre-filled Hugging Face cache
+"""Task data from the Hugging Face Hub (gradot.evaluation.task_data): rows in each Hub dataset's schema become
+the local layout that gradot.evaluation.tasks reads; `gradot data fetch` from a pre-filled Hugging Face cache
 (the code path a download fills), offline; a run without any data fails before the model loads,
 with one line naming both ways out, and leaves no settings record behind."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gradot.task_data import SOURCES, TEXT, convert_rows
-from gradot.tasks import (arc_prompt, hellaswag_preprocess, hellaswag_prompt, load_task, openbookqa_prompt,
+from gradot.evaluation.task_data import SOURCES, TEXT, convert_rows
+from gradot.evaluation.tasks import (arc_prompt, hellaswag_preprocess, hellaswag_prompt, load_task, openbookqa_prompt,
                           piqa_prompt, race_prompt, sciq_prompt, webqs_prompt)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -136,7 +136,7 @@ def test_fetch_from_a_prefilled_hub_cache_offline(tmp_path):
     record = json.loads((out / "fetched.json").read_text())["sciq"]
     assert record["repo"] == "allenai/sciq" and record["revision"] == SOURCES["sciq"].revision
     assert set(record["sha256"]) == {"train.json", "validation.json"}
-    from gradot.task_data import fetched_intact
+    from gradot.evaluation.task_data import fetched_intact
 
     assert fetched_intact(out, "sciq")
     (out / "sciq" / "train.json").write_text("[]")  # a changed file is no longer the fetched one
@@ -151,8 +151,8 @@ def test_fetch_from_a_prefilled_hub_cache_offline(tmp_path):
 
 def test_fetched_cache_is_where_runs_look_last(tmp_path, monkeypatch):
     """No --data-dir, no $GRADOT_DATA_DIR, no shared/data: the runs read the copy `data fetch` wrote."""
-    from gradot import tasks
-    from gradot.task_data import data_cache_dir
+    from gradot.evaluation import tasks
+    from gradot.evaluation.task_data import data_cache_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRADOT_DATA_DIR", raising=False)
@@ -170,7 +170,8 @@ def test_pipeline_without_data_fails_before_the_model_and_leaves_no_record(tmp_p
     any model loads; the output folder gets no settings record, so the retry with --data-dir runs."""
     import huggingface_hub.constants
 
-    from gradot import modeling, tasks
+    from gradot import modeling
+    from gradot.evaluation import tasks
     from gradot.cli import main
 
     monkeypatch.chdir(tmp_path)

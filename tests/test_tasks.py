@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gradot.tasks import (  # noqa: E402
+from gradot.evaluation.tasks import (  # noqa: E402
     TASK_NAMES,
     TASKS,
     GenExample,

@@ -195,7 +195,7 @@ def shipped(emu, tmp_path, name):
 def test_privacy_measure_of_a_distilled_emulator(tmp_path):
     """A distilled layer is scored against the original layer its slot names: before training it is that
     layer bit for bit (error 0, counted exact); trained, every matrix is near it but not exact."""
-    from gradot.privacy import measure, relative_error
+    from gradot.analysis.privacy import measure, relative_error
 
     model = tiny_model("llama", layers=8)
     split = split_model(model, 2)
@@ -229,7 +229,7 @@ def test_privacy_measure_of_a_scaleot_emulator(tmp_path):
     """A harmonizer is scored as its span's first layer (it is cut from it: rank-``width`` attention, the
     output projections zero until trained); the span's other layers ship nothing (error 1); the
     remaining layers are truncated-SVD attention with their MLP shipped exactly."""
-    from gradot.privacy import measure
+    from gradot.analysis.privacy import measure
 
     model = tiny_model("llama", layers=8)
     split = split_model(model, 2)

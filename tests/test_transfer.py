@@ -10,11 +10,11 @@ from conftest import calib_batches, tiny_model, tiny_tokenizer
 from gradot.artifacts import load_emulator, save_emulator
 from gradot.methods.crash import crash_emulator
 from gradot.methods.uniform import uniform_emulator
-from gradot.compensate import CompensationError, compensate
-from gradot.proxy import encode_pairs
+from gradot.analysis.compensate import CompensationError, compensate
+from gradot.analysis.proxy import encode_pairs
 from gradot.registry import decoder_layers
 from gradot.split import adapter_state_dict, split_model
-from gradot.transfer import accuracy_transfer, answer_losses, loss_transfer, ratio_of_means
+from gradot.analysis.transfer import accuracy_transfer, answer_losses, loss_transfer, ratio_of_means
 
 
 def test_accuracy_transfer_endpoints_and_error():

@@ -967,7 +967,7 @@ def test_model_and_adapter_mismatch_at_plugin(tiny_model_dir, shipped, tmp_path,
 
 
 def test_privacy_measure_of_layer_drop_and_full_copy():
-    from gradot.privacy import measure
+    from gradot.analysis.privacy import measure
 
     model = tiny_model("llama", layers=LAYERS)
     split = split_model(model, 2)
@@ -985,7 +985,7 @@ def test_privacy_measure_of_layer_drop_and_full_copy():
 
 
 def test_privacy_measure_of_low_rank_and_pruned_matrices():
-    from gradot.privacy import measure
+    from gradot.analysis.privacy import measure
     from gradot.registry import decoder_layers
 
     model = tiny_model("llama", layers=LAYERS)
@@ -1013,7 +1013,7 @@ def test_privacy_measure_of_low_rank_and_pruned_matrices():
 
 
 def test_privacy_measure_of_shared_layers():
-    from gradot.privacy import measure
+    from gradot.analysis.privacy import measure
 
     model = tiny_model("llama", layers=10)
     split = split_model(model, 2)
@@ -1617,7 +1617,7 @@ def test_the_probes_verdict_is_cached_per_tokenizer(shipped, tmp_path, monkeypat
 def test_every_tokenization_is_capped_in_tokens_per_character():
     from gradot.errors import TokenCapError
     from gradot.finetune import FinetuneDataset
-    from gradot.scorer import FastHFLM
+    from gradot.evaluation.scorer import FastHFLM
 
     class Expanding:  # a tokenizer that makes 100 tokens of every character
         bos_token_id = eos_token_id = 0

@@ -11,10 +11,10 @@ Three formats:
   ``{"instruction", "input", "output"}``): :func:`load_alpaca` returns
   :class:`InstructionExample` records whose ``prompt`` is the standard Stanford Alpaca
   template and whose ``continuation()`` is the output, so the loss goes on the output only,
-  the same (prompt, continuation) shape as the task examples in :mod:`gradot.tasks`.
+  the same (prompt, continuation) shape as the task examples in :mod:`gradot.evaluation.tasks`.
 
 :func:`load_corpus` picks the right loader from the file. Malformed data raises
-:class:`gradot.tasks.TaskDataError` naming the file, the line and the field.
+:class:`gradot.evaluation.tasks.TaskDataError` naming the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-from gradot.tasks import TaskDataError, iter_json_array, iter_jsonl
+from gradot.evaluation.tasks import TaskDataError, iter_json_array, iter_jsonl
 
 __all__ = [
     "ALPACA_PROMPT",

@@ -23,12 +23,12 @@ from .artifacts import load_emulator, plug_in, plug_into_emulator, save_adapter,
 from .cells import SETTINGS_FILE, CellStore, claim_folder  # noqa: F401  (SETTINGS_FILE re-exported)
 from .finetune import (FULL_LR, TASK_LR, FinetuneConfig, finetune_adapter, finetune_full, remove_checkpoints,
                        task_records)
-from .lmeval_tasks import evaluate
+from .evaluation.lmeval import evaluate
 from .methods import compress, runtime_options
 from .pipeline_report import METHOD_ROWS, ORIGINAL_ROWS, write_report
 from .registry import decoder_layers
 from .split import Split, adapter_state_dict
-from .tasks import TASK_NAMES, load_task
+from .evaluation.tasks import TASK_NAMES, load_task
 from .errors import PipelineSettingsError  # noqa: F401  (re-exported)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .provenance import git_commit
-from .transfer import accuracy_transfer
+from .analysis.transfer import accuracy_transfer
 
 
 def _metric(result: dict[str, float]) -> tuple[str, float, float]:

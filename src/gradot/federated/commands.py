@@ -1,5 +1,5 @@
 """``gradot federate simulate`` and ``gradot federate app``: what the commands do (their options
-are declared with the other commands', in ``gradot.cli_data``).
+are declared with the other commands', in ``gradot.cli.data_owner``).
 
 ``simulate``: the model owner's server and N data owners in this process (Flower's ServerApp and
 ClientApp on gradot's in-process runtime), one training set split over the clients. ``app``: the

@@ -56,7 +56,7 @@ def client_records(conf: dict) -> list:
     ``num-partitions`` (``partition`` iid/label, ``alpha``, ``seed``). One node per data owner in a
     real deployment: ``num-partitions`` 1 (the default) keeps all of its data."""
     from ..finetune import task_records
-    from ..tasks import load_task
+    from ..evaluation.tasks import load_task
 
     limit = int(conf["train-limit"]) if conf.get("train-limit") else None
     labels = None

@@ -7,7 +7,7 @@ model, the "Full FT" upper bound of the result tables (docs/method.md, section 1
 
 Training runs through ``transformers.Trainer``, so ``accelerate launch`` (multi-GPU DDP), bf16,
 gradient accumulation, its tqdm progress bar and its log history work unchanged. The loss applies
-the LM head only at labelled positions, in chunks (:mod:`gradot.head_loss`, the model's own loss to
+the LM head only at labelled positions, in chunks (:mod:`gradot.evaluation.head_loss`, the model's own loss to
 float rounding; ``FinetuneConfig.head_at_labels=False`` for the model's full-logits loss).
 
 Data

@@ -133,5 +133,5 @@ def pad_token_id(tokenizer) -> int:
 
 
 def task_records(examples) -> list[tuple[str, str]]:
-    """``(prompt, gold continuation)`` pairs from ``gradot.tasks`` examples (``load_task``)."""
+    """``(prompt, gold continuation)`` pairs from ``gradot.evaluation.tasks`` examples (``load_task``)."""
     return [(e.prompt, e.continuation()) for e in examples]

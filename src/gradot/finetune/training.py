@@ -19,7 +19,7 @@ from torch import nn
 from ..emulator import Emulator
 from ..errors import CheckpointConflictError
 from ..freezing import requiring_grad
-from ..head_loss import HeadAtLabels
+from ..evaluation.head_loss import HeadAtLabels
 from ..registry import arch_of, decoder_layers, is_linear
 from .checkpoints import RUN_FILE, last_checkpoint, load_trainable, save_trainable, trainable_parameters
 from .data import CausalLMCollator, FinetuneDataset, pad_token_id
@@ -99,7 +99,7 @@ class FinetuneConfig:
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest complete checkpoint in output_dir, if there is one"))
     head_at_labels: bool = field(default=True, metadata=_help(
-        "apply the LM head only at labelled positions, in chunks (gradot.head_loss); False: the model's "
+        "apply the LM head only at labelled positions, in chunks (gradot.evaluation.head_loss); False: the model's "
         "own loss over full logits (same loss to float rounding, slower; kept as the benchmarks' reference)"))
 
     def __post_init__(self):
@@ -206,7 +206,7 @@ def _trainer_class():
 
     class TrainableOnlyTrainer(Trainer):
         """A ``Trainer`` whose checkpoints hold only the trainable parameters (safetensors) and,
-        given ``head_at_labels`` (a :class:`gradot.head_loss.HeadAtLabels`), whose loss applies the
+        given ``head_at_labels`` (a :class:`gradot.evaluation.head_loss.HeadAtLabels`), whose loss applies the
         LM head only at labelled positions."""
 
         def __init__(self, *args, head_at_labels=None, **kwargs):

@@ -13,7 +13,8 @@ from dataclasses import Field
 from typing import Any
 
 from ..errors import MethodConfigError
-from . import crash, distill, scaleot, svd, uniform, wanda
+from . import crash, distill, scaleot, uniform
+from .gradot import svd, wanda
 from .base import (
     DEFAULT_KEEP,
     Calibration,

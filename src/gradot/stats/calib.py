@@ -17,7 +17,7 @@ from ..errors import CalibrationError  # noqa: F401  (re-exported)
 
 def default_calibration_path() -> Path:
     """WikiText-2 validation text in the shared data folder (found as the task loaders find it)."""
-    from ..tasks import resolve_data_dir
+    from ..evaluation.tasks import resolve_data_dir
 
     try:
         return resolve_data_dir() / "text" / "wikitext-2-raw" / "wiki.valid.raw"

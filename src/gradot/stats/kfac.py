@@ -581,31 +581,37 @@ def collect_kfac(
         raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
     collector = _Collector(modules, shared_inputs, gradients, arch, products, token_fraction, seed)
     device = _input_device(model)
-    handles = []
     with _frozen_eval(model):
         ckpt = _checkpointing(model) if gradient_checkpointing else nullcontext()
         with ckpt:
-            try:
-                for name, m in modules.items():
-                    handles.append(m.register_forward_hook(partial(collector.forward_hook, name)))
-                it = _progress(batches, progress, "KFAC statistics")
-                for batch in it:
-                    ids, mask, labels = _prepare_batch(batch, device)
-                    collector.begin_batch(mask, ids.numel(), ids.device)
-                    loss, n_loss = _loss_sum(model, ids, mask, labels)
-                    collector.end_forward()
-                    if n_loss > 0 and loss.requires_grad:
-                        with collector.backward_phase():
-                            loss.backward()
-                    collector.n_loss_tokens += n_loss
-                    if progress and hasattr(it, "set_postfix") and n_loss > 0:
-                        it.set_postfix(loss=f"{loss.item() / n_loss:.3f}")
-                    del loss
-            finally:
-                for h in handles:
-                    h.remove()
-                collector.begin_batch(None)
+            _run_batches(model, modules, batches, collector, device, progress)
     return collector.finalize()
+
+
+def _run_batches(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable, collector: _Collector,
+                 device: torch.device, progress: bool) -> None:
+    """Forward and backward every batch with ``collector``'s hooks on ``modules`` (removed after)."""
+    handles = []
+    try:
+        for name, m in modules.items():
+            handles.append(m.register_forward_hook(partial(collector.forward_hook, name)))
+        it = _progress(batches, progress, "KFAC statistics")
+        for batch in it:
+            ids, mask, labels = _prepare_batch(batch, device)
+            collector.begin_batch(mask, ids.numel(), ids.device)
+            loss, n_loss = _loss_sum(model, ids, mask, labels)
+            collector.end_forward()
+            if n_loss > 0 and loss.requires_grad:
+                with collector.backward_phase():
+                    loss.backward()
+            collector.n_loss_tokens += n_loss
+            if progress and hasattr(it, "set_postfix") and n_loss > 0:
+                it.set_postfix(loss=f"{loss.item() / n_loss:.3f}")
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+        collector.begin_batch(None)
 
 
 def forward_backward_floor(

@@ -14,7 +14,7 @@ from dataclasses import replace
 from .config import GradOTConfig
 from .build import gradot_emulator
 from .units import rescore, score_middle
-from ...proxy import adapter_gradients, cosines, mean_and_stderr
+from ...analysis.proxy import adapter_gradients, cosines, mean_and_stderr
 from ...split import Split
 
 DEFAULT_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .emulator import Emulator
-from .registry import arch_of, decoder_layers, get_module, weight_out_in
-from .errors import CompensationError  # noqa: F401  (re-exported)
+from ..emulator import Emulator
+from ..registry import arch_of, decoder_layers, get_module, weight_out_in
+from ..errors import CompensationError  # noqa: F401  (re-exported)
 
 
 class _Stop(Exception):

@@ -26,7 +26,7 @@ def answer_losses(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     """Mean answer-token negative log-likelihood of each (prompt, continuation) pair, encoded
     exactly as for fine-tuning (loss on the continuation only). The LM head runs only at the answer
     positions (``SkipHead``): the prompt's logits are never formed."""
-    from .head_loss import SkipHead
+    from ..evaluation.head_loss import SkipHead
     from .proxy import encode_pairs
 
     was_training = model.training

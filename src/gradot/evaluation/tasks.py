@@ -26,7 +26,7 @@ Data folder
 original file names). When it is not given, ``$GRADOT_DATA_DIR`` is used, then
 ``../shared/data`` relative to the working directory, then the ``shared/data`` folder
 beside this repository, then the copy ``gradot data fetch`` writes (``~/.cache/gradot/data``;
-:mod:`gradot.task_data`).
+:mod:`gradot.evaluation.task_data`).
 
 Malformed data raises :class:`TaskDataError` naming the file, the line and the field;
 no row is ever skipped silently.
@@ -44,7 +44,7 @@ from dataclasses import field as dataclass_field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Union
-from .errors import TaskDataError, TaskDataUnavailableError  # noqa: F401  (re-exported)
+from ..errors import TaskDataError, TaskDataUnavailableError  # noqa: F401  (re-exported)
 
 __all__ = [
     "TARGET_DELIMITER",
@@ -555,14 +555,14 @@ TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
 def data_cache_dir() -> Path:
-    """Where ``gradot data fetch`` writes by default (:mod:`gradot.task_data`), the search's last stop:
+    """Where ``gradot data fetch`` writes by default (:mod:`gradot.evaluation.task_data`), the search's last stop:
     ``$GRADOT_CACHE/data`` or ``~/.cache/gradot/data``."""
     return Path(os.environ.get("GRADOT_CACHE", Path.home() / ".cache" / "gradot")).expanduser() / "data"
 
 
 def repository_data_dir() -> Path:
     """``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -570,7 +570,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
     Order: the argument, ``$GRADOT_DATA_DIR``, ``../shared/data`` from the working directory,
     then ``shared/data`` beside this repository (``src/gradot`` → ``../../../shared/data``), then
-    the fetched copy (:func:`gradot.task_data.data_cache_dir`).
+    the fetched copy (:func:`gradot.evaluation.task_data.data_cache_dir`).
     """
     if data_dir is not None:
         path = Path(data_dir).expanduser()

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .registry import ArchSpec, arch_of, decoder_layers, get_module, weight_out_in
-from .surgery import LowRankLinear
+from ..registry import ArchSpec, arch_of, decoder_layers, get_module, weight_out_in
+from ..surgery import LowRankLinear
 
 
 @dataclass

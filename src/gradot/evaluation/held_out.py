@@ -22,7 +22,7 @@ def held_out_loss(model: nn.Module, tokenizer, records: Sequence, batch_size: in
     token-level perplexity); its standard error is that of the per-example means (examples are the
     independent units), ``n`` the number of examples (text windows for plain text).
     """
-    from .finetune import CausalLMCollator, FinetuneDataset, pad_token_id
+    from ..finetune import CausalLMCollator, FinetuneDataset, pad_token_id
 
     dataset = FinetuneDataset(tokenizer, records, max_length)
     collate = CausalLMCollator(pad_token_id(tokenizer))

@@ -1,6 +1,6 @@
 """The model owner's audit: how close does an emulator get to the original after a data owner heals it?
 
-An audit heals a copy of the emulator (``gradot.healing``) on public text and measures it at each
+An audit heals a copy of the emulator (``gradot.analysis.healing``) on public text and measures it at each
 token budget: WikiText-2 *test* token perplexity and zero-shot accuracy. The same attack on the
 *random-middle reference* (the original model with its middle layers re-initialised: embeddings,
 head and adapter layers exact, everything else learned from the attack text alone) says how much
@@ -34,7 +34,7 @@ DEFAULT_TASKS = ("arc_easy", "sciq", "piqa")
 def perplexity_sequences(tokenizer, path: str | os.PathLike, tokens: int = 32_768, seq_len: int = 512,
                          batch_size: int = 4) -> list[torch.Tensor]:
     """The first ``tokens`` tokens of ``path`` (WikiText-2 test by default) in ``seq_len`` chunks."""
-    from .stats.calib import CalibrationSpec, calibration_batches
+    from ..stats.calib import CalibrationSpec, calibration_batches
 
     return calibration_batches(tokenizer, CalibrationSpec(str(path), max(1, tokens // seq_len), seq_len, batch_size))
 
@@ -44,7 +44,7 @@ def measurer(tokenizer, ppl_batches: Sequence[torch.Tensor], tasks: Sequence[str
              batch_size: int = 8, tasks_at: Sequence[int] | None = None) -> Callable[[nn.Module, int], dict]:
     """``measure(model, tokens) -> {"perplexity", "<task>", "<task>_stderr", ...}`` (accuracy in [0, 1]);
     the zero-shot tasks only at the budgets ``tasks_at`` when given (they cost more than perplexity)."""
-    from .lmeval_tasks import evaluate
+    from ..evaluation.lmeval import evaluate
     from .proxy import perplexity
 
     def measure(model: nn.Module, tokens: int = 0) -> dict:
@@ -147,8 +147,8 @@ def audit_budgets(budget: int, tokens_per_step: int) -> tuple[int, ...]:
 
 def check_fits(emulator_manifest: dict, model: nn.Module) -> None:
     """Refuse an emulator that was not compressed from ``model`` (its base fingerprint)."""
-    from .errors import HealError
-    from .split import fingerprint, split_model
+    from ..errors import HealError
+    from ..split import fingerprint, split_model
 
     base, k = emulator_manifest["base"], emulator_manifest["adapter"]["k"]
     dtype = getattr(torch, emulator_manifest.get("dtype", "float32"))
@@ -165,7 +165,7 @@ def run_audit(model: nn.Module, tokenizer, emulator, files: Sequence[str | os.Pa
     from ``out/state``). Returns the report."""
     import json
 
-    from .split import split_model
+    from ..split import split_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .cli_options import (
+from .options import (
     add_calibration,
     add_device,
     add_method_options,
@@ -22,7 +22,7 @@ from .cli_options import (
     resolve_device,
     resolve_dtype,
 )
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def _task_list(value: str, known: tuple[str, ...]) -> list[str]:
@@ -44,13 +44,13 @@ def _task_names(value: str) -> list[str]:
 
 def _train_tasks(value: str) -> list[str]:
     """Tasks with training data (the pipeline fine-tunes on each): the eight tasks."""
-    from .tasks import TASK_NAMES
+    from ..evaluation.tasks import TASK_NAMES
 
     return _task_list(value, TASK_NAMES)
 
 
 def _train_task(value: str) -> str:
-    from .tasks import TASK_NAMES
+    from ..evaluation.tasks import TASK_NAMES
 
     if value not in TASK_NAMES:
         raise argparse.ArgumentTypeError(f"unknown task {value!r}; known: {', '.join(TASK_NAMES)}")
@@ -74,7 +74,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    from .methods import DEFAULT_KEEP, REGISTRY
+    from ..methods import DEFAULT_KEEP, REGISTRY
 
     p = sub.add_parser("finetune", help="data owner: fine-tune the emulator's adapter on a task or your own data")
     p.add_argument("--emulator", required=True, help="emulator directory from the model owner")
@@ -153,9 +153,9 @@ def add_commands(sub) -> None:
 
 
 def _records(args):
-    from .corpora import load_corpus
-    from .finetune import task_records
-    from .tasks import load_task
+    from ..corpora import load_corpus
+    from ..finetune import task_records
+    from ..evaluation.tasks import load_task
 
     if args.task:
         return task_records(load_task(args.task, "train", data_dir=args.data_dir, limit=args.train_limit))
@@ -175,7 +175,7 @@ def _held_out_records(path: str, limit: int | None):
 def cmd_finetune(args) -> int:
     import os
 
-    from .artifacts import claim_output, refuse_existing
+    from ..artifacts import claim_output, refuse_existing
 
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process holds --out
         refuse_existing(args.out, args.overwrite)
@@ -185,9 +185,9 @@ def cmd_finetune(args) -> int:
 
 
 def _finetune(args) -> int:
-    from .artifacts import load_emulator, load_emulator_tokenizer, save_adapter
-    from .finetune import FinetuneConfig, finetune_adapter, remove_checkpoints
-    from .progress import stage
+    from ..artifacts import load_emulator, load_emulator_tokenizer, save_adapter
+    from ..finetune import FinetuneConfig, finetune_adapter, remove_checkpoints
+    from ..progress import stage
 
     checkpoints = args.checkpoints or f"{args.out}.checkpoints"
     from accelerate import PartialState
@@ -219,11 +219,11 @@ def _finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
-    from .lmeval_tasks import evaluate
-    from .lmeval_tasks import EVAL_TASKS, check_harness_tasks
-    from .modeling import load_model
-    from .progress import stage
+    from ..artifacts import load_emulator, load_emulator_tokenizer, plug_in, plug_into_emulator
+    from ..evaluation.lmeval import evaluate
+    from ..evaluation.lmeval import EVAL_TASKS, check_harness_tasks
+    from ..modeling import load_model
+    from ..progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if not args.tasks and not args.data:
@@ -239,7 +239,7 @@ def cmd_eval(args) -> int:
     if harness:
         check_harness_tasks(harness, args.include_path)
     if ours:
-        from .task_data import TEXT, require_task_data
+        from ..evaluation.task_data import TEXT, require_task_data
 
         require_task_data([TEXT if t == "wikitext" else t for t in ours], args.data_dir, splits=("validation",))
     with stage(f"loading {'emulator ' + args.emulator if args.emulator else 'model ' + args.model}"
@@ -262,7 +262,7 @@ def cmd_eval(args) -> int:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}")
     if records is not None:
-        from .held_out import held_out_loss
+        from ..evaluation.held_out import held_out_loss
 
         loss = held_out_loss(model, tok, records, batch_size=args.eval_batch_size, max_length=args.max_length)
         results[f"data:{args.data}"] = loss
@@ -274,9 +274,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .methods import REGISTRY, compress_option_names
-    from .modeling import load_model
-    from .pipeline import Pipeline, PipelineConfig, cell_settings, claim_output_folder
+    from ..methods import REGISTRY, compress_option_names
+    from ..modeling import load_model
+    from ..pipeline import Pipeline, PipelineConfig, cell_settings, claim_output_folder
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in REGISTRY]
@@ -300,13 +300,13 @@ def cmd_pipeline(args) -> int:
     # here, before the model loads (the record itself is written before the first cell is computed).
     claim_output_folder(Path(cfg.out), cell_settings(cfg), record=False)
     if not args.report_only:
-        from .task_data import TEXT, require_task_data
+        from ..evaluation.task_data import TEXT, require_task_data
 
         # the default calibration text (WikiText-2) lives in the data folder too
         require_task_data(cfg.tasks + ([] if args.calib else [TEXT]), args.data_dir)
     model, tok = None, None
     if not args.report_only:
-        from .progress import stage
+        from ..progress import stage
 
         with stage(f"loading model {args.model}"):
             model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype), device=cfg.device,
@@ -318,17 +318,17 @@ def cmd_pipeline(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# gradot data fetch: the task data from the Hugging Face Hub (gradot.task_data)
+# gradot data fetch: the task data from the Hugging Face Hub (gradot.evaluation.task_data)
 
 
 def _fetch_names(value: str) -> list[str]:
-    from .task_data import SOURCES
+    from ..evaluation.task_data import SOURCES
 
     return _task_list(value, tuple(SOURCES))
 
 
 def _add_data(sub) -> None:
-    from .task_data import SOURCES
+    from ..evaluation.task_data import SOURCES
 
     p = sub.add_parser("data", help="task data: fetch the eight tasks from the Hugging Face Hub")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -341,7 +341,7 @@ def _add_data(sub) -> None:
 
 
 def cmd_data_fetch(args) -> int:
-    from .task_data import FETCHED_RECORD, fetch_task_data
+    from ..evaluation.task_data import FETCHED_RECORD, fetch_task_data
 
     to = fetch_task_data(args.tasks, args.to)
     print(f"task data in {to} ({', '.join(args.tasks)}; revisions and SHA-256 of every file in {to / FETCHED_RECORD})")
@@ -353,7 +353,7 @@ def cmd_data_fetch(args) -> int:
 
 
 def _federation_arguments(p: argparse.ArgumentParser) -> None:
-    from .artifacts import DEFAULT_MAX_CHANGE
+    from ..artifacts import DEFAULT_MAX_CHANGE
     g = p.add_argument_group("federation (the model owner's settings, sent to every client each round)")
     g.add_argument("--rounds", type=positive_int, default=3, help="federated rounds")
     g.add_argument("--local-steps", type=int_at_least(0, "an integer >= 0"), default=10,
@@ -391,8 +391,8 @@ def _federation_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_federate(sub) -> None:
     """``gradot federate simulate|app`` (the handlers: ``gradot.federated.commands``)."""
-    from .federated.commands import cmd_app, cmd_simulate
-    from .federated.partition import PARTITIONS
+    from ..federated.commands import cmd_app, cmd_simulate
+    from ..federated.partition import PARTITIONS
 
     p = sub.add_parser("federate", help="many data owners, one adapter: federated offsite-tuning on Flower")
     fsub = p.add_subparsers(dest="federate_command", required=True)

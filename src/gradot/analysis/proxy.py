@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .freezing import requiring_grad
-from .registry import decoder_layers
+from ..freezing import requiring_grad
+from ..registry import decoder_layers
 
 
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 256) -> dict[str, torch.Tensor]:
     """One padded batch of (prompt, continuation) pairs, tokenized exactly as for fine-tuning
     (the harness's encoding; labels only on the continuation)."""
-    from .finetune import CausalLMCollator, FinetuneDataset, pad_token_id
+    from ..finetune import CausalLMCollator, FinetuneDataset, pad_token_id
 
     dataset = FinetuneDataset(tokenizer, pairs, max_length)
     return CausalLMCollator(pad_token_id(tokenizer))([dataset[i] for i in range(len(dataset))])

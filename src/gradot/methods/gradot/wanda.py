@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import SimpleMethod, same_option
-from .gradot.config import AblationConfig, GradOTOptions
-from .gradot.method import build_gradot_like
+from ..base import SimpleMethod, same_option
+from .config import AblationConfig, GradOTOptions
+from .method import build_gradot_like
 
 
 @dataclass(frozen=True)

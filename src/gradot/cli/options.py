@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 def keep_fraction(value: str) -> float:
     try:
@@ -167,7 +167,7 @@ def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> No
     g.add_argument("--adapter-layers", type=positive_int, default=None,
                    help="the split k you compressed with (default 2, as in compress); an adapter claiming "
                         "another is refused")
-    from .artifacts import DEFAULT_MAX_CHANGE, PLAUSIBLE_CHANGE
+    from ..artifacts import DEFAULT_MAX_CHANGE, PLAUSIBLE_CHANGE
 
     p.add_argument("--max-change", type=non_negative_float, default=DEFAULT_MAX_CHANGE, metavar="R",
                    help=f"refuse an adapter with a tensor moved more than R times its original norm (default: "
@@ -177,7 +177,7 @@ def add_split_arguments(p: argparse.ArgumentParser, emulator: bool = True) -> No
 def owner_split(args) -> int:
     """k for plugging into the original model: the shipped emulator's recorded split, else
     --adapter-layers, else compress's default."""
-    from .artifacts import emulator_split
+    from ..artifacts import emulator_split
 
     if getattr(args, "emulator", None):
         return emulator_split(args.emulator)
@@ -186,7 +186,7 @@ def owner_split(args) -> int:
 
 def add_method_choice(p: argparse.ArgumentParser, default: str = "uniform") -> None:
     """``--method``: one of the registered methods, each described by its own one-line help."""
-    from .methods import REGISTRY
+    from ..methods import REGISTRY
 
     p.add_argument("--method", default=default, choices=sorted(REGISTRY),
                    help="; ".join(f"{name}: {m.help}" for name, m in REGISTRY.items()))
@@ -195,7 +195,7 @@ def add_method_choice(p: argparse.ArgumentParser, default: str = "uniform") -> N
 def add_method_options(p: argparse.ArgumentParser) -> None:
     """Every registered method's options, generated from its config dataclass: one group per set
     of methods that read them ("gradot / wanda"), each option offered once."""
-    from .methods import method_options
+    from ..methods import method_options
 
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
     for name, (f, readers) in method_options().items():
@@ -217,6 +217,6 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 def method_config(args):
     """The config of ``args.method`` from the parsed options: its settings' errors before any model loads."""
-    from .methods import get, make_config
+    from ..methods import get, make_config
 
     return make_config(get(args.method).config, args.keep, vars(args))

@@ -1,7 +1,7 @@
 """lm-evaluation-harness task configs for the LOCAL task files, and an in-memory ``evaluate``.
 
 The harness's own task yamls download from the Hugging Face hub. Here each task's split is
-read with :mod:`gradot.tasks` (the same prompts the fine-tuner trains on, checked against
+read with :mod:`gradot.evaluation.tasks` (the same prompts the fine-tuner trains on, checked against
 the harness's yamls in the tests), written once to a normalized JSONL in a cache folder
 (one row per example: ``query``, ``choices``, ``gold``) and described by a config dict:
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gradot.corpora import load_text
-from gradot.tasks import (
+from gradot.evaluation.tasks import (
     TARGET_DELIMITER,
     TASK_NAMES,
     TASKS,
@@ -271,7 +271,7 @@ def _task_manager(include_path: str | None):
 def check_harness_tasks(names: Sequence[str], include_path: str | os.PathLike | None = None, manager=None):
     """The harness's registry, after checking that it knows every name in ``names`` (tasks, groups
     or tags); a ``GradotError`` naming the unknown ones otherwise."""
-    from .errors import GradotError
+    from ..errors import GradotError
 
     manager = manager or harness_task_manager(include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
@@ -295,7 +295,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
             files; any other name is a task (or group) of the harness's own registry, run as
             the harness runs it (its dataset downloaded through ``datasets``; its results under
             its own names, a group's subtasks included).
-        data_dir: folder with the task files (see :func:`gradot.tasks.resolve_data_dir`).
+        data_dir: folder with the task files (see :func:`gradot.evaluation.tasks.resolve_data_dir`).
         limit: evaluate only the first ``limit`` examples (documents for wikitext) per task.
         batch_size: harness batch size (wikitext's rolling windows always go one at a time).
         device: when given, the model is MOVED there first (the harness runs a ready model
@@ -305,7 +305,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         split: which split of the task files to score.
         bootstrap_iters: bootstrap resamples for the stderr of non-mean metrics
             (perplexities); accuracies get a closed-form stderr. 0 skips those stderrs.
-        scorer: ``"fast"`` (:class:`gradot.scorer.FastHFLM`: each context once, the head only
+        scorer: ``"fast"`` (:class:`gradot.evaluation.scorer.FastHFLM`: each context once, the head only
             on continuation tokens; ``batch_size`` counts contexts) or ``"stock"`` (the
             harness's ``HFLM``; ``batch_size`` counts requests). Same scores to float rounding.
         include_path: a folder of the user's own harness task yamls (for the harness's tasks).
@@ -325,7 +325,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from gradot.scorer import FastHFLM
+    from gradot.evaluation.scorer import FastHFLM
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
@@ -350,15 +350,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str], data_dir: str | os.PathLike
         if not group:
             continue
         lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=group_batch, max_length=max_length)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=build_configs(group, data_dir, cache_dir, limit, split),
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-            # Our configs are self-contained; indexing the harness's own yamls costs ~10 s.
-            task_manager=TaskManager(include_defaults=False),
-        )
+        # Our configs are self-contained; indexing the harness's own yamls costs ~10 s.
+        out = lm_eval.simple_evaluate(model=lm, tasks=build_configs(group, data_dir, cache_dir, limit, split),
+                                      limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                      task_manager=TaskManager(include_defaults=False))
         results.update(_collect(out, group))
     ours = {t: results[t] for t in tasks if t not in harness}
     return {**ours, **{name: v for name, v in results.items() if name not in ours}}

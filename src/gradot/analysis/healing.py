@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import HealError
-from .registry import decoder_layers
+from ..errors import HealError
+from ..registry import decoder_layers
 
 TRAINABLE = ("all", "middle", "lora")
 

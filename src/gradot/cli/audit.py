@@ -1,12 +1,12 @@
 """``gradot audit``: the model owner heals a copy of its emulator as a data owner could, and reads
-how close it gets to the original (``gradot.audit``)."""
+how close it gets to the original (``gradot.analysis.audit``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _SUFFIX = {"": 1, "k": 1024, "m": 1024 ** 2}
 
@@ -20,8 +20,8 @@ def token_count(text: str) -> int:
 
 
 def add_audit(sub, model_option) -> None:
-    from .audit import DEFAULT_TASKS
-    from .healing import TRAINABLE, HealConfig
+    from ..analysis.audit import DEFAULT_TASKS
+    from ..analysis.healing import TRAINABLE, HealConfig
 
     p = sub.add_parser("audit", help="model owner: heal a copy of an emulator on public text and measure how "
                                      "close it gets to the original")
@@ -51,10 +51,10 @@ def add_audit(sub, model_option) -> None:
 
 def _inputs(args):
     """Every input checked before the model loads: (config, text files, ppl text, tasks, out)."""
-    from .artifacts import verify
-    from .errors import HealError
-    from .healing import HealConfig, default_attack_files
-    from .audit import audit_budgets
+    from ..artifacts import verify
+    from ..errors import HealError
+    from ..analysis.healing import HealConfig, default_attack_files
+    from ..analysis.audit import audit_budgets
 
     verify(args.emulator)
     budget = token_count(args.budget)
@@ -64,7 +64,7 @@ def _inputs(args):
         raise UsageError("--limit must be >= 1, --ppl-len >= 2 and --ppl-tokens >= --ppl-len")
     data = None
     if not args.text or not args.ppl_text or args.tasks != "none":
-        from .tasks import resolve_data_dir
+        from ..evaluation.tasks import resolve_data_dir
 
         data = resolve_data_dir(args.data_dir)
     files = [Path(f) for f in args.text] if args.text else default_attack_files(data)
@@ -73,7 +73,7 @@ def _inputs(args):
         if not f.is_file():
             raise HealError(f"text file not found: {f}")
     tasks = [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t]
-    from .lmeval_tasks import EVAL_TASKS
+    from ..evaluation.lmeval import EVAL_TASKS
 
     unknown = [t for t in tasks if t not in EVAL_TASKS or t == "wikitext"]
     if unknown:
@@ -83,10 +83,10 @@ def _inputs(args):
 
 
 def cmd_audit(args) -> int:
-    from .artifacts import load_emulator
-    from .audit import check_fits, measurer, perplexity_sequences, run_audit, settings_record
-    from .modeling import load_model
-    from .progress import stage
+    from ..artifacts import load_emulator
+    from ..analysis.audit import check_fits, measurer, perplexity_sequences, run_audit, settings_record
+    from ..modeling import load_model
+    from ..progress import stage
 
     config, files, ppl_text, tasks, data, out = _inputs(args)
     with stage(f"loading model {args.model} and emulator {args.emulator}"):

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .token_cap import check_token_count
-from .errors import TokenCapError
+from ..token_cap import check_token_count
+from ..errors import TokenCapError
 from .head_loss import CHUNK_ELEMENTS, SkipHead
 
 __all__ = ["FastHFLM"]

@@ -3,10 +3,10 @@ lm-evaluation-harness itself uses for the eight tasks, converted to the local la
 
 The folder is found in this order: ``--data-dir`` (``data_dir``), ``$GRADOT_DATA_DIR``,
 ``../shared/data``, then the fetched copy under ``~/.cache/gradot/data`` (``$GRADOT_CACHE/data``;
-:func:`gradot.tasks.resolve_data_dir`). :func:`fetch_task_data` fills a folder from the Hub: each
+:func:`gradot.evaluation.tasks.resolve_data_dir`). :func:`fetch_task_data` fills a folder from the Hub: each
 task's dataset at a pinned revision (downloaded through ``huggingface_hub`` into its cache, so
 ``HF_HOME`` and ``HF_HUB_OFFLINE`` apply), its parquet files read with pyarrow, every row rewritten
-in the files and formats of the original releases that :mod:`gradot.tasks` reads (the same readers
+in the files and formats of the original releases that :mod:`gradot.evaluation.tasks` reads (the same readers
 and checks then apply), and the written files' SHA-256 recorded in ``fetched.json``. An offline
 machine gets a copy of that folder (``--data-dir`` or ``$GRADOT_DATA_DIR``).
 
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TaskDataUnavailableError
+from ..errors import TaskDataUnavailableError
 from .tasks import TASKS, data_cache_dir, resolve_data_dir
 
 #: The text the default calibration and ``wikitext`` perplexity read, fetched with every task.

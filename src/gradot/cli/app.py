@@ -9,10 +9,10 @@ import os
 import sys
 import time
 
-from . import __version__
-from .cli_audit import add_audit
-from .cli_data import add_commands
-from .cli_options import (  # noqa: F401  (resolve_device re-exported)
+from .. import __version__
+from .audit import add_audit
+from .data_owner import add_commands
+from .options import (  # noqa: F401  (resolve_device re-exported)
     add_calibration,
     add_device,
     add_method_choice,
@@ -29,7 +29,7 @@ from .cli_options import (  # noqa: F401  (resolve_device re-exported)
     resolve_dtype,
     resolve_placement,
 )
-from .errors import GradotError, UsageError, printable  # noqa: F401  (UsageError re-exported)
+from ..errors import GradotError, UsageError, printable  # noqa: F401  (UsageError re-exported)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "by default (give it before the command: gradot -v compress ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .methods import DEFAULT_KEEP
+    from ..methods import DEFAULT_KEEP
 
     p = sub.add_parser("compress", help="model owner: build an emulator of the model's middle block")
     add_model(p)
@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(args) -> int:
-    from .artifacts import claim_output, refuse_existing, save_emulator
-    from .methods import check_calibration, compress
-    from .modeling import load_model
-    from .progress import stage
+    from ..artifacts import claim_output, refuse_existing, save_emulator
+    from ..methods import check_calibration, compress
+    from ..modeling import load_model
+    from ..progress import stage
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     placement = resolve_placement(args)
@@ -130,9 +130,9 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plugin(args) -> int:
-    from .artifacts import atomic_directory, claim_output, plug_in, refuse_existing
-    from .modeling import load_model
-    from .progress import stage
+    from ..artifacts import atomic_directory, claim_output, plug_in, refuse_existing
+    from ..modeling import load_model
+    from ..progress import stage
 
     refuse_existing(args.out, args.overwrite)  # cheap checks before the model loads
     check_adapter_folder(args.adapter)
@@ -149,7 +149,7 @@ def cmd_plugin(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .artifacts import describe, verify
+    from ..artifacts import describe, verify
 
     manifest, checked = verify(args.path)  # refuses what a loader would refuse before reading weights
     if args.json:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .progress import quiet_third_party
+    from ..progress import quiet_third_party
 
     quiet_third_party(args.verbose)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
