@@ -90,7 +90,7 @@ def cmd_audit(args) -> int:
 
     config, files, ppl_text, tasks, data, out = _inputs(args)
     with stage(f"loading model {args.model} and emulator {args.emulator}"):
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, revision=args.revision)
         emulator = load_emulator(args.emulator)
     check_fits(emulator.manifest, model)
     measure = measurer(tok, perplexity_sequences(tok, ppl_text, args.ppl_tokens, args.ppl_len), tasks, args.limit, data)
