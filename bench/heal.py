@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gradot.analysis.audit import DEFAULT_TASKS, gaps, heal_copy, measurer, perplexity_sequences, random_middle_reference
+from gradot.cells import write_json_atomic
 from gradot.analysis.healing import HealConfig, attack_sequences, default_attack_files
 from gradot.modeling import load_model
 from gradot.split import split_model
@@ -57,12 +58,6 @@ def command(argv) -> str:
     return "OMP_NUM_THREADS=1 python bench/heal.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def write_cell(path: Path, cell: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cell, indent=1))
-    tmp.replace(path)
-
-
 def run(args, argv) -> None:
     tasks = [] if args.tasks == "none" else args.tasks.split(",")
     config = HealConfig(budgets=tuple(int(b) for b in args.budgets.split(",")), lr=args.lr,
@@ -81,7 +76,7 @@ def run(args, argv) -> None:
                          "text": [f.name for f in default_attack_files(data)]}}
     if args.label == "original":
         t0 = time.time()
-        write_cell(cells / "original.json", {**base, "date": _now(), "original": measure(model, 0),
+        write_json_atomic(cells / "original.json", {**base, "date": _now(), "original": measure(model, 0),
                                              "seconds": time.time() - t0})
         return
     split = split_model(model, 2)
@@ -99,7 +94,7 @@ def run(args, argv) -> None:
     sequences = attack_sequences(tok, default_attack_files(data), config.budgets[-1], config.seq_len)
 
     def publish(records):
-        write_cell(cells / f"{args.label}.json", {**base, "date": _now(), "emulator": what, "records": records})
+        write_json_atomic(cells / f"{args.label}.json", {**base, "date": _now(), "emulator": what, "records": records})
 
     heal_copy(target, middle, sequences, config, measure, Path(args.state) / args.label,
               identity={"label": args.label, "emulator": what}, progress=lambda m: print(f"{args.label}: {m}", flush=True),

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cells import write_json_atomic
 from .healing import HealConfig, attack_sequences, heal, randomize_middle, trainable_parameters
 
 DEFAULT_TASKS = ("arc_easy", "sciq", "piqa")
@@ -163,7 +164,6 @@ def run_audit(model: nn.Module, tokenizer, emulator, files: Sequence[str | os.Pa
     """Heal ``emulator`` (and the random-middle reference of ``model``) on ``files`` at each budget of
     ``config``; write ``audit.json`` and ``audit.md`` to ``out`` after every measurement (resumable
     from ``out/state``). Returns the report."""
-    import json
 
     from ..split import split_model
 
@@ -184,7 +184,7 @@ def run_audit(model: nn.Module, tokenizer, emulator, files: Sequence[str | os.Pa
             ref = report["reference_records"]
             report["emulator_rows"] = gaps(report["emulator_records"], original, ref, tasks)
             report["reference_rows"] = gaps(ref, original, ref, tasks)
-            (out / "audit.json").write_text(json.dumps(report, indent=1))
+            write_json_atomic(out / "audit.json", report)
             (out / "audit.md").write_text(markdown(report))
         return write
 
@@ -209,5 +209,5 @@ def _cached(path: Path, settings: dict, compute: Callable[[], dict], say) -> dic
             return cached["measured"]
     say("measuring the original model")
     measured = compute()
-    path.write_text(json.dumps({"settings": settings, "measured": measured}, indent=1))
+    write_json_atomic(path, {"settings": settings, "measured": measured})
     return measured
